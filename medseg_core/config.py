@@ -1,0 +1,400 @@
+"""Configuration models: YAML file -> pydantic model validated once at the edge.
+
+This is the only module that knows configuration key names. Everything
+downstream receives frozen pydantic objects.
+
+Two kinds of file exist:
+
+* a **scenario** (:class:`ScenarioConfig`): what the federation runs (rounds,
+  model, strategy, privacy defaults) and, for simulations, which sites exist;
+* a **site** (:class:`SiteConfig`): one hospital's private facts (data
+  directory, epsilon cap, label regime). It is read by that site's client
+  only and never sent anywhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from medseg_core.errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "LabelRegime",
+    "ModelConfig",
+    "PathSiteSpec",
+    "PrivacyConfig",
+    "ScenarioConfig",
+    "ShiftSpec",
+    "SimulationConfig",
+    "SiteConfig",
+    "SiteSpec",
+    "StrategyConfig",
+    "StrategyName",
+    "SyntheticSiteSpec",
+    "TrainConfig",
+    "load_scenario",
+    "load_site_config",
+    "load_yaml_model",
+    "parse_model",
+]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Strict(BaseModel):
+    """Base: unknown keys are errors, objects are frozen after validation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LabelRegime(StrEnum):
+    """What supervision a site (or case) carries."""
+
+    MASK = "mask"  # voxel masks
+    IMAGE = "image"  # image-level class only
+    BAG = "bag"  # MIL bags with bag-level labels
+    MIXED = "mixed"  # a site whose cases mix the above
+
+
+class StrategyName(StrEnum):
+    """Server aggregation strategies (Flower's Message-API strategies)."""
+
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    FEDADAM = "fedadam"
+    FEDMEDIAN = "fedmedian"
+    FEDTRIMMEDAVG = "fedtrimmedavg"
+    KRUM = "krum"
+
+
+class ModelConfig(_Strict):
+    """Segmenter architecture (MONAI constructor vocabulary)."""
+
+    name: str = "unet"
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = Field(default=1, ge=0)
+    norm_groups: int = Field(default=8, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from medseg_core.models.registry import MODEL_REGISTRY
+
+        if value not in MODEL_REGISTRY:
+            raise ValueError(_choice_message(value, sorted(MODEL_REGISTRY)))
+        return value
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> ModelConfig:
+        if len(self.strides) != len(self.channels) - 1:
+            raise ValueError(
+                f"strides has {len(self.strides)} entries but channels has "
+                f"{len(self.channels)}; expected len(strides) == len(channels) - 1"
+            )
+        bad = [c for c in self.channels if c % self.norm_groups]
+        if bad:
+            raise ValueError(
+                f"channels {bad} are not divisible by norm_groups={self.norm_groups}; "
+                "GroupNorm needs every channel count to be a multiple of norm_groups"
+            )
+        return self
+
+
+class DataConfig(_Strict):
+    """How site images become training tensors."""
+
+    image_size: int = Field(default=64, ge=16, le=512)
+    context_slices: int = Field(default=0, ge=0, le=3)
+    num_classes: int = Field(default=2, ge=2)
+    val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+
+
+class PrivacyConfig(_Strict):
+    """Differential-privacy defaults; a site's own config may lower the cap."""
+
+    enabled: bool = True
+    epsilon: float = Field(default=8.0, gt=0.0)
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    secure_mode: bool = False
+
+
+class TrainConfig(_Strict):
+    """Local optimisation settings sent with every round."""
+
+    local_epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=1e-3, gt=0.0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+
+
+class StrategyConfig(_Strict):
+    """Server strategy and the checks applied to updates before aggregation."""
+
+    name: StrategyName = StrategyName.FEDAVG
+    fraction_train: float = Field(default=1.0, gt=0.0, le=1.0)
+    min_train_nodes: int | None = Field(default=None, ge=1)
+    proximal_mu: float = Field(default=0.01, ge=0.0)
+    server_lr: float = Field(default=0.01, gt=0.0)
+    trim_beta: float = Field(default=0.2, ge=0.0, lt=0.5)
+    num_malicious_nodes: int = Field(default=0, ge=0)
+    max_update_norm: float | None = Field(default=None, gt=0.0)
+    round_timeout_s: float = Field(default=3600.0, gt=0.0)
+
+
+class ShiftSpec(_Strict):
+    """A synthetic site's scanner / protocol shift."""
+
+    intensity_scale: float = Field(default=1.0, gt=0.0)
+    intensity_offset: float = 0.0
+    gamma: float = Field(default=1.0, gt=0.0)
+    bias_field: float = Field(default=0.0, ge=0.0, le=1.0)
+    noise_std: float = Field(default=0.02, ge=0.0)
+    blur_sigma: float = Field(default=0.0, ge=0.0)
+    downsample: float = Field(default=1.0, ge=1.0, le=4.0)
+
+
+class SyntheticSiteSpec(_Strict):
+    """A generated hospital: phantoms with lesions under a scanner shift."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    kind: Literal["synthetic"] = "synthetic"
+    n_train: int = Field(default=40, ge=2)
+    n_test: int = Field(default=10, ge=1)
+    dims: Literal[2, 3] = 2
+    depth: int = Field(default=8, ge=1)
+    lesion_prevalence: float = Field(default=0.7, ge=0.0, le=1.0)
+    label_regime: LabelRegime = LabelRegime.MASK
+    bag_size: int = Field(default=4, ge=2)
+    shift: ShiftSpec = ShiftSpec()
+    epsilon: float | None = Field(default=None, gt=0.0)
+
+
+class PathSiteSpec(_Strict):
+    """A site given as a directory in the dataset.json format."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    path: Path
+    label_regime: LabelRegime = LabelRegime.MASK
+    epsilon: float | None = Field(default=None, gt=0.0)
+
+
+SiteSpec = Annotated[SyntheticSiteSpec | PathSiteSpec, Field(union_mode="left_to_right")]
+
+
+class SimulationConfig(_Strict):
+    """Flower simulation-engine resources."""
+
+    num_cpus_per_client: float = Field(default=1.0, gt=0.0)
+    torch_threads: int = Field(default=1, ge=1)
+
+
+class ScenarioConfig(_Strict):
+    """A whole federation: sites, model, training, privacy and strategy."""
+
+    name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    seed: int = 0
+    rounds: int = Field(default=5, ge=1)
+    sites: tuple[SiteSpec, ...] = Field(min_length=1)
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    simulation: SimulationConfig = SimulationConfig()
+
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _site_kind(cls, value: Any) -> Any:
+        # Pick the union member explicitly so errors name the right fields.
+        if not isinstance(value, list | tuple):
+            return value
+        out = []
+        for entry in value:
+            if isinstance(entry, dict) and "path" in entry:
+                out.append(PathSiteSpec.model_validate(entry))
+            elif isinstance(entry, dict):
+                out.append(SyntheticSiteSpec.model_validate(entry))
+            else:
+                out.append(entry)
+        return out
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> ScenarioConfig:
+        ids = [s.id for s in self.sites]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"site ids must be unique; duplicated: {dup}")
+        return self
+
+
+class SiteConfig(_Strict):
+    """One hospital's private configuration; never leaves the site.
+
+    Parameters
+    ----------
+    id
+        Site identifier reported to the server (not a patient identifier).
+    data_dir
+        Directory holding ``dataset.json`` and the images.
+    state_dir
+        Where the site keeps its own state across rounds and restarts
+        (privacy accountant, local layers).
+    epsilon, delta
+        The site's privacy budget: training that would push the accountant's
+        epsilon (at ``delta``) past ``epsilon`` is refused.
+    """
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    data_dir: Path
+    state_dir: Path
+    label_regime: LabelRegime = LabelRegime.MASK
+    epsilon: float = Field(default=8.0, gt=0.0)
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    dp_enabled: bool = True
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    secure_mode: bool = False
+    val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    seed: int = 0
+    torch_threads: int = Field(default=1, ge=1)
+
+
+# --------------------------------------------------------------------------
+# Loading and error formatting
+# --------------------------------------------------------------------------
+
+
+def _choice_message(value: object, choices: list[str]) -> str:
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown option {value!r}; valid choices: {choices}{hint}"
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names valid at ``loc`` (used to suggest a fix for an unknown key)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or current is None:
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nxt = None
+        for cand in candidates:
+            for sub in (cand, *getattr(cand, "__args__", ())):
+                if isinstance(sub, type) and issubclass(sub, BaseModel):
+                    nxt = sub
+                    break
+            if nxt:
+                break
+        current = nxt
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def format_validation_error(
+    exc: ValidationError, model: type[BaseModel], source: str
+) -> str:
+    """Turn a pydantic error into one line per problem: key, value, expected."""
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        key = ".".join(str(p) for p in loc) or "<root>"
+        value = err.get("input")
+        if err.get("type") == "extra_forbidden":
+            valid = _fields_at(model, loc)
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(
+                f"  - {key}: unknown key (value {value!r}); valid keys here: {valid}{hint}"
+            )
+        else:
+            msg = err.get("msg", "invalid value")
+            lines.append(f"  - {key}: {msg} (got {value!r})")
+    lines.append("Fix the listed keys and run again.")
+    return "\n".join(lines)
+
+
+def parse_model(model: type[M], data: Any, source: str = "<config>") -> M:
+    """Validate ``data`` into ``model``; raise :class:`ConfigError` on failure."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, model, source)) from None
+
+
+def load_yaml_model(model: type[M], path: str | Path) -> M:
+    """Read a YAML file and validate it into ``model``.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, is not YAML, is not a mapping, or fails
+        validation (every problem is listed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {str(path)!r} does not exist; pass the path of a YAML file "
+            "(see simulations/configs/ for examples)"
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping of keys, got "
+            f"{type(data).__name__}"
+        )
+    obj = parse_model(model, data, source=str(path))
+    return _resolve_relative_paths(obj, path.parent)
+
+
+def _resolve_relative_paths(obj: M, base: Path) -> M:
+    """Make relative site paths relative to the config file's directory."""
+    if isinstance(obj, ScenarioConfig):
+        sites = tuple(
+            s.model_copy(update={"path": (base / s.path).resolve()})
+            if isinstance(s, PathSiteSpec) and not s.path.is_absolute()
+            else s
+            for s in obj.sites
+        )
+        return obj.model_copy(update={"sites": sites})  # type: ignore[return-value]
+    if isinstance(obj, SiteConfig):
+        upd = {}
+        for key in ("data_dir", "state_dir"):
+            p = getattr(obj, key)
+            if not p.is_absolute():
+                upd[key] = (base / p).resolve()
+        return obj.model_copy(update=upd) if upd else obj  # type: ignore[return-value]
+    return obj
+
+
+def load_scenario(path: str | Path) -> ScenarioConfig:
+    """Load and validate a scenario YAML file."""
+    return load_yaml_model(ScenarioConfig, path)
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Load and validate a site YAML file (read on the site only)."""
+    return load_yaml_model(SiteConfig, path)

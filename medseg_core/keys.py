@@ -1,0 +1,47 @@
+"""Record and metric names shared by client and server.
+
+One place that knows the wire vocabulary; client and server import from here
+so a typo is an ImportError, not a silently missing metric.
+"""
+
+from __future__ import annotations
+
+# RecordDict keys
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE = "site"  # ConfigRecord in replies: {"site-id": str, "label-regime": str}
+
+# ConfigRecord keys sent by the server
+SERVER_ROUND = "server-round"
+TOTAL_ROUNDS = "total-rounds"
+LOCAL_EPOCHS = "local-epochs"
+LEARNING_RATE = "lr"
+PROXIMAL_MU = "proximal-mu"
+EVAL_SPLIT = "split"  # "val" or "test"
+RUN_NAME = "run-name"
+
+# MetricRecord keys sent by clients
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+DICE = "dice"
+HD95 = "hd95"
+EPSILON = "epsilon"
+DELTA = "delta"
+NOISE_MULTIPLIER = "noise-multiplier"
+MAX_GRAD_NORM = "max-grad-norm"
+SAMPLE_RATE = "sample-rate"
+STEPS = "steps"
+N_TRAIN = "n-train"
+TRAIN_SECONDS = "train-seconds"
+
+# ConfigRecord keys in the SITE record of a reply
+SITE_ID = "site-id"
+LABEL_REGIME = "label-regime"
+ACCOUNTANT = "accountant"
+DP_ENABLED = "dp-enabled"
+
+# Error codes carried in Flower error replies (Error.code)
+ERR_BUDGET_EXHAUSTED = 4001
+ERR_DATA_INTEGRITY = 4002
+ERR_SITE_CONFIG = 4003
