@@ -1,0 +1,153 @@
+"""Tests for medseg_core.metrics: case-level Dice and HD95."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from medseg_core.errors import DataIntegrityError
+from medseg_core.metrics import SegMetrics, evaluate_segmentation
+
+torch.set_num_threads(1)
+
+H = W = 12
+
+
+class _Echo(nn.Module):
+    """Predicts the label map stored in image channel 0 (logits = one-hot)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pred = x[:, 0].round().long()
+        return nn.functional.one_hot(pred, self.num_classes).movedim(-1, 1).float() + 0 * self.dummy
+
+
+def _empty(n: int) -> torch.Tensor:
+    return torch.zeros(n, 1, H, W, dtype=torch.int64)
+
+
+def _evaluate(pred: torch.Tensor, gt: torch.Tensor, cases: list[int], num_classes: int = 2) -> SegMetrics:
+    return evaluate_segmentation(
+        _Echo(num_classes),
+        pred.float(),
+        gt,
+        torch.tensor(cases, dtype=torch.int64),
+        num_classes=num_classes,
+        batch_size=3,
+    )
+
+
+def test_perfect_prediction_gives_dice_one_and_hd95_zero() -> None:
+    gt = _empty(4)
+    gt[0, 0, 2:6, 2:6] = 1
+    gt[2, 0, 5:9, 1:4] = 1
+
+    m = _evaluate(gt.clone(), gt, [0, 0, 1, 1])
+
+    assert m.dice == 1.0
+    assert m.hd95 == 0.0
+    assert m.n_cases == 2
+    assert m.per_case_dice == (1.0, 1.0)
+
+
+def test_empty_ground_truth_scores_one_if_prediction_empty_else_zero() -> None:
+    pred = _empty(2)
+    pred[1, 0, 0:2, 0:2] = 1  # case 1 predicts lesion pixels, case 0 does not
+
+    m = _evaluate(pred, _empty(2), [0, 1])
+
+    assert m.per_case_dice == (1.0, 0.0)
+    assert m.dice == 0.5
+    assert math.isnan(m.hd95)  # no case has non-empty GT and prediction
+
+
+def test_known_partial_overlap() -> None:
+    gt, pred = _empty(1), _empty(1)
+    gt[0, 0, 0, 0:4] = 1  # 4 pixels
+    pred[0, 0, 0, 2:8] = 1  # 6 pixels, 2 shared -> 2*2/(4+6)
+
+    m = _evaluate(pred, gt, [0])
+
+    assert m.dice == pytest.approx(0.4)
+
+
+def test_slices_of_a_case_are_scored_as_one_volume() -> None:
+    # slice a: exact 4-pixel hit; slice b: empty GT, 4 false-positive pixels.
+    # Volume Dice = 2*4/(4+8) = 2/3; a mean over slices would give (1+0)/2.
+    gt, pred = _empty(2), _empty(2)
+    gt[0, 0, 0:2, 0:2] = 1
+    pred[0, 0, 0:2, 0:2] = 1
+    pred[1, 0, 5:7, 5:7] = 1
+
+    m = _evaluate(pred, gt, [7, 7])
+
+    assert m.n_cases == 1
+    assert m.dice == pytest.approx(2 / 3)
+
+
+def test_cases_are_grouped_by_case_index_not_by_position() -> None:
+    gt, pred = _empty(4), _empty(4)
+    gt[:, 0, 0:2, 0:2] = 1
+    pred[[0, 2], 0, 0:2, 0:2] = 1  # case 5 (rows 0, 2) perfect
+    pred[[1, 3], 0, 0:2, 0:1] = 1  # case 3 (rows 1, 3): 4 of 8 pixels -> 2*4/(8+4)
+
+    m = _evaluate(pred, gt, [5, 3, 5, 3])
+
+    assert m.per_case_dice == pytest.approx((2 / 3, 1.0))  # ascending case_index: 3, 5
+    assert m.dice == pytest.approx((2 / 3 + 1.0) / 2)
+
+
+def test_hd95_in_pixels_for_a_shifted_point() -> None:
+    gt, pred = _empty(1), _empty(1)
+    gt[0, 0, 5, 2] = 1
+    pred[0, 0, 5, 6] = 1
+
+    m = _evaluate(pred, gt, [0])
+
+    assert m.hd95 == pytest.approx(4.0)
+    assert m.dice == 0.0
+
+
+def test_multiclass_dice_averages_foreground_classes() -> None:
+    gt, pred = _empty(1), _empty(1)
+    gt[0, 0, 0:2, 0:2] = 1
+    gt[0, 0, 6:8, 6:8] = 2
+    pred[0, 0, 0:2, 0:2] = 1  # class 1 perfect, class 2 missed
+
+    m = _evaluate(pred, gt, [0], num_classes=3)
+
+    assert m.dice == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_model_mode_is_restored(training: bool) -> None:
+    model = _Echo(2).train(training)
+    seen: list[bool] = []
+    model.register_forward_hook(lambda mod, i, o: seen.append(mod.training))
+
+    evaluate_segmentation(model, torch.zeros(2, 1, H, W), _empty(2), torch.tensor([0, 1]), num_classes=2)
+
+    assert seen == [False]
+    assert model.training is training
+
+
+def test_label_out_of_range_raises_data_integrity_error() -> None:
+    gt = _empty(1)
+    gt[0, 0, 0, 0] = 2
+
+    with pytest.raises(DataIntegrityError, match=r"label values span \[0, 2\] but num_classes=2"):
+        _evaluate(_empty(1), gt, [0])
+
+
+def test_mismatched_shapes_raise_value_error() -> None:
+    with pytest.raises(ValueError, match=r"case_index must have shape \(N,\) = \(2,\), got \(3,\)"):
+        _evaluate(_empty(2), _empty(2), [0, 1, 2])
+    with pytest.raises(ValueError, match=r"labels must have shape \(N, 1, H, W\)"):
+        evaluate_segmentation(_Echo(2), torch.zeros(2, 1, H, W), _empty(3), torch.tensor([0, 1]), num_classes=2)
