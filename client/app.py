@@ -1,0 +1,180 @@
+"""Flower ClientApp (Message API): one hospital site.
+
+Message in -> :class:`medseg_core.training.site.SiteSession` -> message out.
+Replies carry only model weights and metrics; the site config, images and
+accountant state stay on the site.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+
+from medseg_core import keys
+from medseg_core.errors import ConfigError, DataIntegrityError, PrivacyBudgetExceeded
+from medseg_core.training.site import RoundRequest
+
+from client.site_runtime import resolve_site, session_for
+
+__all__ = ["app", "build_client_app", "state_to_record", "record_to_state"]
+
+logger = logging.getLogger(__name__)
+
+_TRAIN_KEYS = {
+    keys.SERVER_ROUND: int, keys.TOTAL_ROUNDS: int, keys.LOCAL_EPOCHS: int,
+    keys.LEARNING_RATE: float, "batch-size": int, "optimizer": str,
+    "model": str, "data": str,
+}
+_EVAL_KEYS = {keys.SERVER_ROUND: int, keys.EVAL_SPLIT: str, "model": str, "data": str}
+
+
+def state_to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Numpy state dict -> ArrayRecord (order preserved)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def record_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """ArrayRecord -> numpy state dict."""
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _config(msg: Message, required: Mapping[str, type]) -> ConfigRecord:
+    """The message's ConfigRecord, checked for the keys this handler needs."""
+    content = msg.content
+    if keys.CONFIG not in content.config_records or keys.ARRAYS not in content.array_records:
+        raise ConfigError(
+            f"server message lacks '{keys.CONFIG}' or '{keys.ARRAYS}' records "
+            f"(got {sorted(content.keys())}); server and client versions may differ"
+        )
+    cfg = content.config_records[keys.CONFIG]
+    problems = [
+        f"{k!r} (expected {t.__name__}, got {type(cfg.get(k)).__name__})"
+        for k, t in required.items()
+        if k not in cfg or not isinstance(cfg[k], t | (int if t is float else t))
+    ]
+    if problems:
+        raise ConfigError(
+            "server message config is missing or mistyped: " + ", ".join(problems)
+            + "; upgrade the server and the sites to the same medseg-fl version"
+        )
+    return cfg
+
+
+def _error_reply(msg: Message, code: int, exc: Exception) -> Message:
+    logger.warning("refusing %s: %s", msg.metadata.message_type, exc)
+    return Message(Error(code=code, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+
+def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
+    """Build the ClientApp.
+
+    Parameters
+    ----------
+    site_map
+        Simulation only: partition-id -> path of that virtual site's
+        ``site.yaml``. Deployments pass the path through node_config instead.
+    """
+    app = ClientApp()
+    site_map = dict(site_map) if site_map is not None else None
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        try:
+            cfg = _config(msg, _TRAIN_KEYS)
+            site = resolve_site(context.node_config, context.run_config, site_map)
+            session = session_for(site, str(cfg["model"]), str(cfg["data"]))
+            req = RoundRequest(
+                server_round=int(cfg[keys.SERVER_ROUND]),
+                total_rounds=int(cfg[keys.TOTAL_ROUNDS]),
+                local_epochs=int(cfg[keys.LOCAL_EPOCHS]),
+                lr=float(cfg[keys.LEARNING_RATE]),
+                batch_size=int(cfg["batch-size"]),
+                optimizer=str(cfg["optimizer"]),
+                proximal_mu=float(cfg.get(keys.PROXIMAL_MU, 0.0)),
+                run_name=str(cfg.get(keys.RUN_NAME, "")),
+            )
+            outcome = session.train_round(
+                record_to_state(msg.content.array_records[keys.ARRAYS]), req
+            )
+        except PrivacyBudgetExceeded as exc:
+            return _error_reply(msg, keys.ERR_BUDGET_EXHAUSTED, exc)
+        except DataIntegrityError as exc:
+            return _error_reply(msg, keys.ERR_DATA_INTEGRITY, exc)
+        except ConfigError as exc:
+            return _error_reply(msg, keys.ERR_SITE_CONFIG, exc)
+
+        metrics = MetricRecord({
+            keys.NUM_EXAMPLES: outcome.n_train,
+            keys.TRAIN_LOSS: float(outcome.fit.loss),
+            keys.DICE: float(outcome.val.dice) if outcome.val is not None else 0.0,
+            keys.TRAIN_SECONDS: float(outcome.fit.seconds),
+        })
+        site_rec = ConfigRecord({
+            keys.SITE_ID: site.id,
+            keys.LABEL_REGIME: site.label_regime.value,
+            keys.DP_ENABLED: site.dp_enabled,
+            keys.N_TRAIN: outcome.n_train,
+        })
+        content = RecordDict({
+            keys.ARRAYS: state_to_record(outcome.fit.state),
+            keys.METRICS: metrics,
+            keys.SITE: site_rec,
+        })
+        if outcome.privacy is not None and outcome.epsilon is not None:
+            p = outcome.privacy
+            content["privacy"] = ConfigRecord({
+                keys.EPSILON: float(outcome.epsilon),
+                keys.DELTA: float(p.delta),
+                keys.NOISE_MULTIPLIER: float(p.noise_multiplier),
+                keys.MAX_GRAD_NORM: float(p.max_grad_norm),
+                keys.SAMPLE_RATE: float(p.sample_rate),
+                keys.STEPS: int(outcome.fit.steps),
+                keys.ACCOUNTANT: str(p.accountant),
+            })
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        try:
+            cfg = _config(msg, _EVAL_KEYS)
+            site = resolve_site(context.node_config, context.run_config, site_map)
+            session = session_for(site, str(cfg["model"]), str(cfg["data"]))
+            split = str(cfg[keys.EVAL_SPLIT])
+            res = session.evaluate(record_to_state(msg.content.array_records[keys.ARRAYS]), split)
+            n = len(session.test_set if split == "test" else (session.val_set or session.train_set))
+        except DataIntegrityError as exc:
+            return _error_reply(msg, keys.ERR_DATA_INTEGRITY, exc)
+        except ConfigError as exc:
+            return _error_reply(msg, keys.ERR_SITE_CONFIG, exc)
+        content = RecordDict({
+            keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, keys.DICE: float(res.dice)}),
+            keys.SITE: ConfigRecord({
+                keys.SITE_ID: site.id,
+                keys.LABEL_REGIME: site.label_regime.value,
+                keys.DP_ENABLED: site.dp_enabled,
+                keys.N_TRAIN: len(session.train_set),
+                keys.HD95: float(res.hd95),
+                keys.EVAL_SPLIT: split,
+                "epsilon-spent": float(session.epsilon_spent()) if site.dp_enabled else -1.0,
+            }),
+        })
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+# `flwr run` / flower-supernode entry point (site config via node_config).
+app = build_client_app()

@@ -1,0 +1,265 @@
+"""A hospital site's training runtime, framework-free.
+
+:class:`SiteSession` owns one site's data tensors, its privacy accountant
+(persisted in the site's ``state_dir``) and its budget. The Flower client is
+a thin adapter: message in -> ``train_round`` / ``evaluate`` -> message out.
+
+State kept in ``state_dir`` (never sent anywhere):
+
+* ``accountant.json`` - the Opacus accountant's history, so epsilon composes
+  over every round and survives a restart of the client process;
+* ``ledger.jsonl`` - the site's own append-only privacy ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg_core.config import DataConfig, ModelConfig, SiteConfig
+from medseg_core.data.integrity import require_valid_site
+from medseg_core.data.slices import SliceSet, load_slices, split_cases
+from medseg_core.metrics import SegMetrics
+from medseg_core.errors import PrivacyBudgetExceeded
+from medseg_core.privacy.accountant import (
+    epsilon_of,
+    load_accountant,
+    projected_epsilon,
+    save_accountant,
+)
+from medseg_core.privacy.budget import FIX_HINT, RoundPrivacyPlan, plan_round
+from medseg_core.training.session import (
+    FitResult,
+    FitSettings,
+    build_segmenter,
+    evaluate_state,
+    fit,
+    load_state,
+    steps_per_epoch,
+)
+
+__all__ = ["RoundOutcome", "RoundRequest", "SiteSession"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """What the server asks of a site for one training round."""
+
+    server_round: int
+    total_rounds: int
+    local_epochs: int
+    lr: float
+    batch_size: int
+    optimizer: str = "adam"
+    proximal_mu: float = 0.0
+    run_name: str = ""
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """A site's result for one round (weights + statistics + privacy)."""
+
+    fit: FitResult
+    n_train: int
+    val: SegMetrics | None
+    privacy: RoundPrivacyPlan | None
+    epsilon: float | None  # cumulative, measured by the accountant after the round
+
+
+class SiteSession:
+    """One site's data, model factory and privacy state.
+
+    Parameters
+    ----------
+    site
+        The site's private configuration.
+    model_cfg, data_cfg
+        The federation's model and data settings (from the server).
+
+    Raises
+    ------
+    DataIntegrityError
+        The site's data fails its integrity check (the full report is in the
+        message); training is refused.
+    """
+
+    def __init__(self, site: SiteConfig, *, model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
+        self.site = site
+        self.model_cfg = model_cfg
+        self.data_cfg = data_cfg
+        self.datalist = require_valid_site(site.data_dir)
+        self.site.state_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ data
+    @cached_property
+    def _train_val(self) -> tuple[SliceSet, SliceSet | None]:
+        cases = self.datalist.split("training")
+        labelled = [c for c in cases if c.label is not None]
+        if not labelled:
+            from medseg_core.errors import DataIntegrityError
+
+            raise DataIntegrityError(
+                f"site {self.site.id!r} has no training case with a mask "
+                f"(label_regime={self.site.label_regime.value!r}); mask-supervised training "
+                "needs at least one 'label' in dataset.json 'training'"
+            )
+        all_slices = load_slices(
+            labelled, image_size=self.data_cfg.image_size,
+            context_slices=self.data_cfg.context_slices,
+        )
+        tr, va = split_cases(len(all_slices.case_ids), self.site.val_fraction, self.site.seed)
+        return all_slices.subset(tr), (all_slices.subset(va) if va else None)
+
+    @property
+    def train_set(self) -> SliceSet:
+        """Training slices (after the local validation split)."""
+        return self._train_val[0]
+
+    @property
+    def val_set(self) -> SliceSet | None:
+        """Local validation slices (None when val_fraction is 0)."""
+        return self._train_val[1]
+
+    @cached_property
+    def test_set(self) -> SliceSet:
+        """The site's test split (held out; masks required)."""
+        return load_slices(
+            self.datalist.split("test"), image_size=self.data_cfg.image_size,
+            context_slices=self.data_cfg.context_slices,
+        )
+
+    # --------------------------------------------------------------- privacy
+    @property
+    def accountant_path(self) -> Path:
+        """Where this site's accountant lives."""
+        return self.site.state_dir / "accountant.json"
+
+    def load_accountant(self):  # noqa: ANN201 - opacus IAccountant
+        """The site's accountant as persisted (fresh if none yet)."""
+        return load_accountant(self.accountant_path, self.site.accountant)
+
+    def epsilon_spent(self) -> float:
+        """Cumulative epsilon at the site's delta (0.0 before any DP step)."""
+        return epsilon_of(self.load_accountant(), self.site.delta)
+
+    def plan(self, req: RoundRequest, *, accountant: object) -> RoundPrivacyPlan:
+        """This round's DP parameters; raises PrivacyBudgetExceeded if it cannot fit.
+
+        The noise multiplier is calibrated once per run (at the site's first
+        round of that run) so the planned rounds spend the remaining budget
+        evenly, then kept fixed: a later round that would take the site past
+        its cap is refused rather than trained with ever larger noise.
+        """
+        spe = steps_per_epoch(len(self.train_set), req.batch_size)
+        q, steps = 1.0 / spe, spe * req.local_epochs
+        path = self.site.state_dir / "privacy_plan.json"
+        stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        key = {"run": req.run_name, "sample_rate": q, "steps": steps}
+        if stored is not None and all(stored.get(k) == v for k, v in key.items()):
+            sigma = float(stored["noise_multiplier"])
+            before = epsilon_of(accountant, self.site.delta)
+            after = projected_epsilon(
+                accountant, noise_multiplier=sigma, sample_rate=q, steps=steps,
+                delta=self.site.delta,
+            )
+            if after > self.site.epsilon * (1 + 1e-6):
+                raise PrivacyBudgetExceeded(
+                    f"site {self.site.id!r}: round {req.server_round} would take epsilon from "
+                    f"{before:.4f} to {after:.4f}, past the site's cap {self.site.epsilon:g} "
+                    f"(delta={self.site.delta:g}); the site does not train. Fix: {FIX_HINT}."
+                )
+            return RoundPrivacyPlan(
+                noise_multiplier=sigma, max_grad_norm=self.site.max_grad_norm, sample_rate=q,
+                steps=steps, epsilon_before=before, epsilon_after=after, delta=self.site.delta,
+                accountant=self.site.accountant,
+            )
+        plan = plan_round(
+            accountant,
+            epsilon_cap=self.site.epsilon,
+            delta=self.site.delta,
+            max_grad_norm=self.site.max_grad_norm,
+            sample_rate=q,
+            steps_this_round=steps,
+            rounds_remaining=max(1, req.total_rounds - req.server_round + 1),
+        )
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**key, "noise_multiplier": plan.noise_multiplier}), encoding="utf-8")
+        os.replace(tmp, path)
+        return plan
+
+    # ------------------------------------------------------------------ round
+    def train_round(self, global_state: Mapping[str, np.ndarray], req: RoundRequest) -> RoundOutcome:
+        """Train from the global weights for one round.
+
+        Raises
+        ------
+        PrivacyBudgetExceeded
+            This round would take the site past its epsilon cap; nothing is
+            trained and the accountant is unchanged.
+        """
+        torch.set_num_threads(self.site.torch_threads)
+        model = build_segmenter(self.model_cfg, self.data_cfg)
+        load_state(model, global_state)
+        accountant = self.load_accountant() if self.site.dp_enabled else None
+        plan = self.plan(req, accountant=accountant) if accountant is not None else None
+        settings = FitSettings(
+            epochs=req.local_epochs, lr=req.lr, batch_size=req.batch_size,
+            optimizer=req.optimizer, proximal_mu=req.proximal_mu,
+            seed=self.site.seed * 100_003 + req.server_round,
+        )
+        result = fit(
+            model, self.train_set, settings, num_classes=self.data_cfg.num_classes,
+            privacy=plan, accountant=accountant, secure_mode=self.site.secure_mode,
+        )
+        epsilon = None
+        if accountant is not None and plan is not None:
+            # WARNING: persist before replying, so a crash after the reply
+            # can never lose spent budget (epsilon only grows).
+            save_accountant(accountant, self.accountant_path)
+            epsilon = epsilon_of(accountant, self.site.delta)
+            self._append_ledger(req, plan, epsilon, result.steps)
+        val = None
+        if self.val_set is not None:
+            val = evaluate_state(
+                build_segmenter(self.model_cfg, self.data_cfg), result.state, self.val_set,
+                num_classes=self.data_cfg.num_classes,
+            )
+        logger.info(
+            "site %s round %d: loss %.4f, steps %d, eps %s",
+            self.site.id, req.server_round, result.loss, result.steps,
+            "n/a" if epsilon is None else f"{epsilon:.3f}",
+        )
+        return RoundOutcome(
+            fit=result, n_train=len(self.train_set), val=val, privacy=plan, epsilon=epsilon
+        )
+
+    def evaluate(self, state: Mapping[str, np.ndarray], split: str) -> SegMetrics:
+        """Metrics of ``state`` on the site's ``"val"`` or ``"test"`` split."""
+        if split == "test":
+            data = self.test_set
+        elif split == "val":
+            data = self.val_set if self.val_set is not None else self.train_set
+        else:
+            raise ValueError(f"unknown split {split!r}; expected 'val' or 'test'")
+        model = build_segmenter(self.model_cfg, self.data_cfg)
+        return evaluate_state(model, state, data, num_classes=self.data_cfg.num_classes)
+
+    def _append_ledger(
+        self, req: RoundRequest, plan: RoundPrivacyPlan, epsilon: float, steps: int
+    ) -> None:
+        row = {"round": req.server_round, **asdict(plan), "steps_taken": steps, "epsilon": epsilon}
+        path = self.site.state_dir / "ledger.jsonl"
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())

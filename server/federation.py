@@ -1,0 +1,290 @@
+"""The federation's round loop, around a Flower strategy.
+
+Flower's ``Strategy.start`` runs all rounds in one call; a hospital
+aggregator needs more between rounds, so this loop calls the strategy's own
+``configure_*`` / ``aggregate_*`` steps and adds, every round:
+
+1. validation of every train reply before aggregation (rejections logged in
+   the run store with their reason);
+2. the privacy ledger (one row per site and round; epsilon is the site's
+   cumulative value, the run-level epsilon of a site is a max);
+3. a checkpoint (safetensors + resolved config + versions) and the round's
+   row in the run store, after which the round counts as completed.
+
+``resume=True`` continues after the last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from medseg_core import keys
+from medseg_core.checkpoint import (
+    git_revision,
+    latest_checkpoint,
+    load_checkpoint,
+    package_versions,
+    save_checkpoint,
+)
+from medseg_core.config import ScenarioConfig
+from medseg_core.store import LedgerRow, RunStore
+from medseg_core.training.session import build_segmenter
+
+from client.app import record_to_state, state_to_record
+from server.strategies import build_strategy
+from server.validation import validate_train_reply
+
+__all__ = ["FederationOutcome", "SiteResult", "initial_state", "run_federation"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteResult:
+    """A site's final figures (test split of that site)."""
+
+    dice: float | None = None
+    hd95: float | None = None
+    epsilon: float | None = None
+    n_train: int | None = None
+    label_regime: str | None = None
+
+
+@dataclass
+class FederationOutcome:
+    """What a federated run produced."""
+
+    run_id: str
+    rounds: int
+    sites: dict[str, SiteResult] = field(default_factory=dict)
+    dice_mean: float | None = None
+    rejected: int = 0
+    checkpoint: str | None = None
+    wall_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def initial_state(scenario: ScenarioConfig) -> dict[str, np.ndarray]:
+    """The seeded initial global model as numpy arrays."""
+    torch.manual_seed(scenario.seed)
+    model = build_segmenter(scenario.model, scenario.data)
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _train_config(scenario: ScenarioConfig, run_id: str) -> dict[str, Any]:
+    t = scenario.train
+    return {
+        keys.TOTAL_ROUNDS: scenario.rounds,
+        keys.LOCAL_EPOCHS: t.local_epochs,
+        keys.LEARNING_RATE: t.lr,
+        "batch-size": t.batch_size,
+        "optimizer": t.optimizer,
+        "model": scenario.model.model_dump_json(),
+        "data": scenario.data.model_dump_json(),
+        keys.RUN_NAME: run_id,
+    }
+
+
+def _site_of(msg: Message, node_sites: dict[int, str]) -> str:
+    node = msg.metadata.src_node_id
+    if not msg.has_error():
+        rec = msg.content.config_records.get(keys.SITE)
+        if rec is not None and isinstance(rec.get(keys.SITE_ID), str):
+            node_sites[node] = str(rec[keys.SITE_ID])
+    return node_sites.get(node, f"node-{node}")
+
+
+def _send(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+    msgs = list(messages)
+    return list(grid.send_and_receive(msgs, timeout=timeout)) if msgs else []
+
+
+def run_federation(
+    grid: Grid,
+    scenario: ScenarioConfig,
+    out_dir: str | Path,
+    *,
+    run_id: str,
+    resume: bool = False,
+) -> FederationOutcome:
+    """Run (or resume) the federation described by ``scenario``.
+
+    Writes ``out_dir/runstore.sqlite``, ``out_dir/checkpoints/round_XXXX`` and
+    ``out_dir/federated.json``.
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    store = RunStore(out / "runstore.sqlite")
+    ckdir = out / "checkpoints"
+    config_json = json.loads(scenario.model_dump_json())
+    state = initial_state(scenario)
+    start = 1
+    if resume:
+        last = latest_checkpoint(ckdir)
+        if last is not None:
+            ck = load_checkpoint(last)
+            state, start = ck.arrays, ck.round + 1
+            logger.info("resuming run %s after round %d", run_id, ck.round)
+    store.start_run(
+        run_id, name=scenario.name, config=config_json, versions=package_versions(),
+        git_rev=git_revision(),
+    )
+    strategy = build_strategy(scenario.strategy, n_sites=len(scenario.sites))
+    arrays: ArrayRecord = state_to_record(state)
+    node_sites: dict[int, str] = {}
+    outcome = FederationOutcome(run_id=run_id, rounds=scenario.rounds)
+    timeout = scenario.strategy.round_timeout_s
+
+    for rnd in range(start, scenario.rounds + 1):
+        logger.info("round %d/%d: training", rnd, scenario.rounds)
+        store.start_round(run_id, rnd)
+        reference = record_to_state(arrays)
+        replies = _send(
+            grid,
+            strategy.configure_train(rnd, arrays, ConfigRecord(_train_config(scenario, run_id)), grid),
+            timeout,
+        )
+        accepted: list[Message] = []
+        eps_round: list[float] = []
+        losses: list[tuple[float, float]] = []
+        for reply in replies:
+            site = _site_of(reply, node_sites)
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                reason = reply.error.reason or f"error code {reply.error.code}"
+                logger.warning("round %d: site %s answered with an error: %s", rnd, site, reason)
+                store.add_rejection(run_id, rnd, site, node_id=node, kind="error-reply", reason=reason)
+                continue
+            verdict = validate_train_reply(
+                reply, reference, max_update_norm=scenario.strategy.max_update_norm
+            )
+            if not verdict.accepted:
+                logger.warning("round %d: update of site %s rejected: %s", rnd, site, verdict.reason)
+                store.add_rejection(run_id, rnd, site, node_id=node, kind="validation",
+                                    reason=verdict.reason)
+                outcome.rejected += 1
+                continue
+            accepted.append(reply)
+            m = reply.content.metric_records[keys.METRICS]
+            n = int(m[keys.NUM_EXAMPLES])
+            losses.append((float(m[keys.TRAIN_LOSS]), n))
+            store.add_site_metrics(
+                run_id, rnd, site, phase="train", split="val", num_examples=n,
+                loss=float(m[keys.TRAIN_LOSS]), dice=float(m[keys.DICE]),
+                seconds=float(m.get(keys.TRAIN_SECONDS, math.nan)),
+            )
+            priv = reply.content.config_records.get("privacy")
+            if priv is not None:
+                eps = float(priv[keys.EPSILON])
+                eps_round.append(eps)
+                store.add_ledger(run_id, LedgerRow(
+                    site_id=site, round=rnd,
+                    noise_multiplier=float(priv[keys.NOISE_MULTIPLIER]),
+                    max_grad_norm=float(priv[keys.MAX_GRAD_NORM]),
+                    sample_rate=float(priv[keys.SAMPLE_RATE]),
+                    steps=int(priv[keys.STEPS]), epsilon=eps,
+                    delta=float(priv[keys.DELTA]), accountant=str(priv[keys.ACCOUNTANT]),
+                ))
+        if accepted:
+            new_arrays, _ = strategy.aggregate_train(rnd, accepted)
+            if new_arrays is not None:
+                arrays = new_arrays
+        else:
+            logger.warning("round %d: no update accepted; the global model is unchanged", rnd)
+
+        split = "test" if rnd == scenario.rounds else "val"
+        val_dice = _evaluate(
+            grid, strategy, scenario, run_id, rnd, arrays, split, store, node_sites, outcome, timeout
+        )
+        ck = save_checkpoint(
+            ckdir, round=rnd, arrays=record_to_state(arrays), config=config_json,
+            extra={"run_id": run_id},
+        )
+        outcome.checkpoint = str(ck)
+        total_n = sum(n for _, n in losses)
+        store.finish_round(
+            run_id, rnd, n_sampled=len(replies), n_accepted=len(accepted),
+            n_rejected=len(replies) - len(accepted),
+            train_loss=(sum(loss * n for loss, n in losses) / total_n) if total_n else None,
+            val_dice=val_dice,
+            # WARNING: the run's epsilon is a max over sites, never a mean.
+            epsilon_max=max(eps_round) if eps_round else None,
+        )
+        logger.info(
+            "round %d/%d done: %d/%d updates accepted, %s dice %.4f, max eps %s",
+            rnd, scenario.rounds, len(accepted), len(replies), split,
+            val_dice if val_dice is not None else float("nan"),
+            f"{max(eps_round):.3f}" if eps_round else "n/a",
+        )
+
+    for site, eps in store.max_epsilon(run_id).items():
+        outcome.sites.setdefault(site, SiteResult()).epsilon = eps
+    dices = [s.dice for s in outcome.sites.values() if s.dice is not None]
+    outcome.dice_mean = float(np.mean(dices)) if dices else None
+    outcome.wall_seconds = time.perf_counter() - t0
+    store.finish_run(run_id)
+    store.close()
+    (out / "federated.json").write_text(json.dumps(outcome.to_json(), indent=2), encoding="utf-8")
+    return outcome
+
+
+def _evaluate(
+    grid: Grid,
+    strategy: Any,
+    scenario: ScenarioConfig,
+    run_id: str,
+    rnd: int,
+    arrays: ArrayRecord,
+    split: str,
+    store: RunStore,
+    node_sites: dict[int, str],
+    outcome: FederationOutcome,
+    timeout: float,
+) -> float | None:
+    """Evaluate the global model on every site's ``split``; returns the weighted Dice."""
+    cfg = ConfigRecord({
+        keys.EVAL_SPLIT: split,
+        "model": scenario.model.model_dump_json(),
+        "data": scenario.data.model_dump_json(),
+    })
+    replies = _send(grid, strategy.configure_evaluate(rnd, arrays, cfg, grid), timeout)
+    num, den = 0.0, 0.0
+    for reply in replies:
+        site = _site_of(reply, node_sites)
+        if reply.has_error():
+            store.add_rejection(run_id, rnd, site, node_id=reply.metadata.src_node_id,
+                                kind="eval-error", reason=reply.error.reason or "")
+            continue
+        m = reply.content.metric_records.get(keys.METRICS)
+        s = reply.content.config_records.get(keys.SITE)
+        if m is None or s is None or not math.isfinite(float(m.get(keys.DICE, math.nan))):
+            store.add_rejection(run_id, rnd, site, node_id=reply.metadata.src_node_id,
+                                kind="eval-invalid", reason="evaluate reply lacks finite dice")
+            continue
+        dice, n = float(m[keys.DICE]), int(m[keys.NUM_EXAMPLES])
+        hd = float(s.get(keys.HD95, math.nan))
+        store.add_site_metrics(run_id, rnd, site, phase="evaluate", split=split,
+                               num_examples=n, dice=dice, hd95=hd if math.isfinite(hd) else None)
+        num, den = num + dice * n, den + n
+        if split == "test":
+            outcome.sites[site] = SiteResult(
+                dice=dice, hd95=hd if math.isfinite(hd) else None,
+                n_train=int(s.get(keys.N_TRAIN, 0)), label_regime=str(s.get(keys.LABEL_REGIME, "")),
+            )
+    return num / den if den else None

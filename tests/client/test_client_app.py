@@ -1,0 +1,129 @@
+"""The real ClientApp, called in-process with real Flower messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client.app import build_client_app, record_to_state, state_to_record
+from medseg_core import keys
+from medseg_core.config import ScenarioConfig, load_site_config
+from medseg_core.data.io import write_nifti
+from medseg_core.privacy.accountant import epsilon_of, load_accountant
+from server.federation import _train_config, initial_state
+
+
+def _train_msg(scenario: ScenarioConfig, rnd: int, state: dict | None = None, **over) -> Message:
+    cfg = _train_config(scenario, "test-run")
+    cfg[keys.SERVER_ROUND] = rnd
+    cfg.update(over)
+    content = RecordDict({
+        keys.ARRAYS: state_to_record(state or initial_state(scenario)),
+        keys.CONFIG: ConfigRecord(cfg),
+    })
+    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def _ctx(site_yaml: Path) -> Context:
+    return Context(run_id=1, node_id=1, node_config={"site-config": str(site_yaml)},
+                   state=RecordDict(), run_config={})
+
+
+def test_train_reply_carries_only_weights_metrics_and_privacy(
+    site_yaml: Path, tiny_scenario: ScenarioConfig
+) -> None:
+    app = build_client_app()
+    reply = app(_train_msg(tiny_scenario, 1), _ctx(site_yaml))
+    assert not reply.has_error(), reply.error
+    c = reply.content
+    assert set(c.array_records) == {keys.ARRAYS}
+    assert set(record_to_state(c.array_records[keys.ARRAYS])) == set(initial_state(tiny_scenario))
+    assert set(c.metric_records[keys.METRICS]) == {
+        keys.NUM_EXAMPLES, keys.TRAIN_LOSS, keys.DICE, keys.TRAIN_SECONDS}
+    assert set(c.config_records) == {keys.SITE, "privacy"}
+    assert c.config_records[keys.SITE][keys.SITE_ID] == "h1"
+    assert 0 < c.config_records["privacy"][keys.EPSILON] <= 8.0
+    # no path, file name or pixel data leaves the site
+    flat = repr(c.config_records[keys.SITE]) + repr(c.config_records["privacy"])
+    assert str(load_site_config(site_yaml).data_dir) not in flat
+
+
+def test_epsilon_composes_and_survives_client_restart(
+    site_yaml: Path, tiny_scenario: ScenarioConfig
+) -> None:
+    from client import site_runtime
+
+    eps = []
+    for rnd in (1, 2):
+        reply = build_client_app()(_train_msg(tiny_scenario, rnd), _ctx(site_yaml))
+        eps.append(reply.content.config_records["privacy"][keys.EPSILON])
+    site_runtime._SESSIONS.clear()  # the client process restarts: nothing in memory
+    reply = build_client_app()(_train_msg(tiny_scenario, 3), _ctx(site_yaml))
+    eps.append(reply.content.config_records["privacy"][keys.EPSILON])
+    assert eps[0] < eps[1] < eps[2] <= 8.0 + 1e-6
+    site = load_site_config(site_yaml)
+    stored = epsilon_of(load_accountant(site.state_dir / "accountant.json", "rdp"), site.delta)
+    assert np.isclose(stored, eps[2])
+    ledger = (site.state_dir / "ledger.jsonl").read_text().splitlines()
+    assert len(ledger) == 3
+
+
+def test_spent_budget_gets_error_reply_and_trains_nothing(
+    site_yaml: Path, tiny_scenario: ScenarioConfig
+) -> None:
+    app = build_client_app()
+    # a one-round plan spends the whole cap in round 1 ...
+    first = app(_train_msg(tiny_scenario, 1, **{keys.TOTAL_ROUNDS: 1}), _ctx(site_yaml))
+    assert not first.has_error()
+    site = load_site_config(site_yaml)
+    before = (site.state_dir / "accountant.json").read_bytes()
+    # ... so any further round must be refused
+    reply = app(_train_msg(tiny_scenario, 2, **{keys.TOTAL_ROUNDS: 1}), _ctx(site_yaml))
+    assert reply.has_error()
+    assert reply.error.code == keys.ERR_BUDGET_EXHAUSTED
+    assert "PrivacyBudgetExceeded" in reply.error.reason and "8" in reply.error.reason
+    assert (site.state_dir / "accountant.json").read_bytes() == before
+
+
+def test_corrupt_site_data_gets_integrity_error_reply(
+    site_yaml: Path, tiny_scenario: ScenarioConfig
+) -> None:
+    site = load_site_config(site_yaml)
+    img = sorted((site.data_dir / "imagesTr").iterdir())[0]
+    write_nifti(np.full((32, 32), np.nan, np.float32), img)
+    reply = build_client_app()(_train_msg(tiny_scenario, 1), _ctx(site_yaml))
+    assert reply.has_error()
+    assert reply.error.code == keys.ERR_DATA_INTEGRITY
+    assert "nan" in reply.error.reason.lower()
+
+
+def test_node_without_site_config_is_told_how_to_fix(tiny_scenario: ScenarioConfig) -> None:
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = build_client_app()(_train_msg(tiny_scenario, 1), ctx)
+    assert reply.has_error()
+    assert reply.error.code == keys.ERR_SITE_CONFIG
+    assert "--node-config" in reply.error.reason
+
+
+def test_mistyped_server_config_refused(site_yaml: Path, tiny_scenario: ScenarioConfig) -> None:
+    reply = build_client_app()(
+        _train_msg(tiny_scenario, 1, **{keys.LOCAL_EPOCHS: "two"}), _ctx(site_yaml)
+    )
+    assert reply.has_error() and "local-epochs" in reply.error.reason
+
+
+def test_evaluate_reports_dice_on_test_split(site_yaml: Path, tiny_scenario: ScenarioConfig) -> None:
+    cfg = ConfigRecord({keys.SERVER_ROUND: 1, keys.EVAL_SPLIT: "test",
+                        "model": tiny_scenario.model.model_dump_json(),
+                        "data": tiny_scenario.data.model_dump_json()})
+    msg = Message(RecordDict({keys.ARRAYS: state_to_record(initial_state(tiny_scenario)),
+                              keys.CONFIG: cfg}), dst_node_id=1, message_type=MessageType.EVALUATE)
+    reply = build_client_app()(msg, _ctx(site_yaml))
+    m = reply.content.metric_records[keys.METRICS]
+    assert 0.0 <= m[keys.DICE] <= 1.0 and m[keys.NUM_EXAMPLES] > 0
+    assert not reply.content.array_records  # evaluation sends no weights back
+    assert yaml.safe_load(site_yaml.read_text())["id"] == "h1"
+    assert isinstance(ArrayRecord(), ArrayRecord)

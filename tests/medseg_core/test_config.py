@@ -1,0 +1,99 @@
+"""Scenario and site configuration: validated once at the edge."""
+
+from pathlib import Path
+
+import pytest
+
+from medseg_core.config import (
+    PathSiteSpec,
+    ScenarioConfig,
+    SyntheticSiteSpec,
+    load_scenario,
+    load_site_config,
+    parse_model,
+)
+from medseg_core.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "simulations" / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_scenarios_validate(path: Path) -> None:
+    scenario = load_scenario(path)
+    assert len(scenario.sites) >= 2
+
+
+def test_default_scenario_is_dp_with_three_shifted_sites() -> None:
+    scenario = load_scenario(CONFIGS / "default.yaml")
+    assert scenario.privacy.enabled and scenario.privacy.epsilon == 8.0
+    assert scenario.privacy.delta == 1e-5
+    assert len(scenario.sites) >= 3
+    shifts = {s.shift.model_dump_json() for s in scenario.sites if isinstance(s, SyntheticSiteSpec)}
+    assert len(shifts) == len(scenario.sites)
+
+
+def test_unknown_key_names_key_and_suggests(tmp_path: Path) -> None:
+    f = tmp_path / "s.yaml"
+    f.write_text("rounds: 2\nsites: [{id: a}]\ntrain: {local_epoch: 3}\n")
+    with pytest.raises(ConfigError, match=r"train\.local_epoch: unknown key.*did you mean 'local_epochs'"):
+        load_scenario(f)
+
+
+def test_wrong_type_names_key_and_value(tmp_path: Path) -> None:
+    f = tmp_path / "s.yaml"
+    f.write_text("rounds: many\nsites: [{id: a}]\n")
+    with pytest.raises(ConfigError, match=r"rounds: .*'many'"):
+        load_scenario(f)
+
+
+def test_bad_strategy_lists_choices() -> None:
+    with pytest.raises(ConfigError, match=r"strategy\.name.*fedavg.*fedprox"):
+        parse_model(ScenarioConfig, {"sites": [{"id": "a"}], "strategy": {"name": "fedsgd"}})
+
+
+def test_bad_model_name_suggests() -> None:
+    with pytest.raises(ConfigError, match=r"did you mean 'unet'"):
+        parse_model(ScenarioConfig, {"sites": [{"id": "a"}], "model": {"name": "unte"}})
+
+
+def test_every_problem_is_listed() -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_model(ScenarioConfig, {"sites": [{"id": "a"}], "rounds": 0, "bogus": 1})
+    assert "rounds" in str(exc.value) and "bogus" in str(exc.value)
+
+
+def test_duplicate_site_ids_rejected() -> None:
+    with pytest.raises(ConfigError, match="duplicated: \\['a'\\]"):
+        parse_model(ScenarioConfig, {"sites": [{"id": "a"}, {"id": "a"}]})
+
+
+def test_path_site_relative_to_config(tmp_path: Path) -> None:
+    f = tmp_path / "s.yaml"
+    f.write_text("sites: [{id: a, path: data/a}, {id: b}]\n")
+    scenario = load_scenario(f)
+    assert isinstance(scenario.sites[0], PathSiteSpec)
+    assert scenario.sites[0].path == (tmp_path / "data" / "a").resolve()
+    assert isinstance(scenario.sites[1], SyntheticSiteSpec)
+
+
+def test_missing_and_non_mapping_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_scenario(tmp_path / "nope.yaml")
+    f = tmp_path / "list.yaml"
+    f.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_scenario(f)
+
+
+def test_site_config_paths_resolved(tmp_path: Path) -> None:
+    f = tmp_path / "site.yaml"
+    f.write_text("id: h1\ndata_dir: data\nstate_dir: state\nepsilon: 3\n")
+    site = load_site_config(f)
+    assert site.data_dir == (tmp_path / "data").resolve()
+    assert site.epsilon == 3.0
+
+
+def test_config_is_frozen() -> None:
+    scenario = parse_model(ScenarioConfig, {"sites": [{"id": "a"}]})
+    with pytest.raises(Exception, match="frozen"):
+        scenario.rounds = 3  # type: ignore[misc]
