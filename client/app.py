@@ -24,6 +24,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from medseg_core import keys
+from medseg_core.attacks import apply_attack
 from medseg_core.errors import ConfigError, DataIntegrityError, PrivacyBudgetExceeded
 from medseg_core.training.site import RoundRequest
 
@@ -103,12 +104,13 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 lr=float(cfg[keys.LEARNING_RATE]),
                 batch_size=int(cfg["batch-size"]),
                 optimizer=str(cfg["optimizer"]),
+                momentum=float(cfg.get("momentum", 0.0)),
                 proximal_mu=float(cfg.get(keys.PROXIMAL_MU, 0.0)),
                 run_name=str(cfg.get(keys.RUN_NAME, "")),
+                min_component_voxels=int(cfg.get(keys.MIN_COMPONENT_VOXELS, 0)),
             )
-            outcome = session.train_round(
-                record_to_state(msg.content.array_records[keys.ARRAYS]), req
-            )
+            global_state = record_to_state(msg.content.array_records[keys.ARRAYS])
+            outcome = session.train_round(global_state, req)
         except PrivacyBudgetExceeded as exc:
             return _error_reply(msg, keys.ERR_BUDGET_EXHAUSTED, exc)
         except DataIntegrityError as exc:
@@ -128,8 +130,9 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
             keys.DP_ENABLED: site.dp_enabled,
             keys.N_TRAIN: outcome.n_train,
         })
+        sent = apply_attack(site.attack, outcome.fit.state, global_state)
         content = RecordDict({
-            keys.ARRAYS: state_to_record(outcome.fit.state),
+            keys.ARRAYS: state_to_record(sent),
             keys.METRICS: metrics,
             keys.SITE: site_rec,
         })
@@ -153,7 +156,10 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
             site = resolve_site(context.node_config, context.run_config, site_map)
             session = session_for(site, str(cfg["model"]), str(cfg["data"]))
             split = str(cfg[keys.EVAL_SPLIT])
-            res = session.evaluate(record_to_state(msg.content.array_records[keys.ARRAYS]), split)
+            res = session.evaluate(
+                record_to_state(msg.content.array_records[keys.ARRAYS]), split,
+                min_component_voxels=int(cfg.get(keys.MIN_COMPONENT_VOXELS, 0)),
+            )
             n = len(session.test_set if split == "test" else (session.val_set or session.train_set))
         except DataIntegrityError as exc:
             return _error_reply(msg, keys.ERR_DATA_INTEGRITY, exc)

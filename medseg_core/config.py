@@ -33,7 +33,10 @@ from medseg_core.errors import ConfigError
 
 __all__ = [
     "DataConfig",
+    "EvalConfig",
     "LabelRegime",
+    "AnatomySiteSpec",
+    "Attack",
     "ModelConfig",
     "PathSiteSpec",
     "PrivacyConfig",
@@ -70,10 +73,20 @@ class LabelRegime(StrEnum):
     MIXED = "mixed"  # a site whose cases mix the above
 
 
+class Attack(StrEnum):
+    """Simulated misbehaviour of a site's replies (for robustness tests only)."""
+
+    NONE = "none"
+    NAN = "nan"  # every weight NaN
+    SIGN_FLIP = "sign_flip"  # w_global - (w_local - w_global)
+    SCALE = "scale"  # w_global + 10 * (w_local - w_global)
+
+
 class StrategyName(StrEnum):
     """Server aggregation strategies (Flower's Message-API strategies)."""
 
     FEDAVG = "fedavg"
+    FEDAVGM = "fedavgm"
     FEDPROX = "fedprox"
     FEDADAM = "fedadam"
     FEDMEDIAN = "fedmedian"
@@ -125,6 +138,14 @@ class DataConfig(_Strict):
     val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
 
 
+class EvalConfig(_Strict):
+    """How predictions are scored (the same for every arm of a comparison)."""
+
+    # nnU-Net-style post-processing: predicted components smaller than this
+    # many voxels are removed before scoring (0 = raw argmax).
+    min_component_voxels: int = Field(default=0, ge=0)
+
+
 class PrivacyConfig(_Strict):
     """Differential-privacy defaults; a site's own config may lower the cap."""
 
@@ -143,6 +164,7 @@ class TrainConfig(_Strict):
     batch_size: int = Field(default=16, ge=1)
     lr: float = Field(default=1e-3, gt=0.0)
     optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(default=0.0, ge=0.0, lt=1.0)  # SGD only
 
 
 class StrategyConfig(_Strict):
@@ -152,7 +174,8 @@ class StrategyConfig(_Strict):
     fraction_train: float = Field(default=1.0, gt=0.0, le=1.0)
     min_train_nodes: int | None = Field(default=None, ge=1)
     proximal_mu: float = Field(default=0.01, ge=0.0)
-    server_lr: float = Field(default=0.01, gt=0.0)
+    server_lr: float | None = Field(default=None, gt=0.0)  # None: the strategy's default
+    server_momentum: float = Field(default=0.0, ge=0.0, lt=1.0)  # fedavgm
     trim_beta: float = Field(default=0.2, ge=0.0, lt=0.5)
     num_malicious_nodes: int = Field(default=0, ge=0)
     max_update_norm: float | None = Field(default=None, gt=0.0)
@@ -185,6 +208,21 @@ class SyntheticSiteSpec(_Strict):
     bag_size: int = Field(default=4, ge=2)
     shift: ShiftSpec = ShiftSpec()
     epsilon: float | None = Field(default=None, gt=0.0)
+    attack: Attack = Attack.NONE
+
+
+class AnatomySiteSpec(_Strict):
+    """A real-anatomy site: MNI152 brain-mask segmentation from nilearn's
+    offline templates (``pip install medseg-fl[anatomy]``)."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    kind: Literal["anatomy"]
+    source: str
+    n_train: int = Field(default=24, ge=1)
+    n_test: int = Field(default=8, ge=1)
+    label_regime: LabelRegime = LabelRegime.MASK
+    epsilon: float | None = Field(default=None, gt=0.0)
+    attack: Attack = Attack.NONE
 
 
 class PathSiteSpec(_Strict):
@@ -194,9 +232,12 @@ class PathSiteSpec(_Strict):
     path: Path
     label_regime: LabelRegime = LabelRegime.MASK
     epsilon: float | None = Field(default=None, gt=0.0)
+    attack: Attack = Attack.NONE
 
 
-SiteSpec = Annotated[SyntheticSiteSpec | PathSiteSpec, Field(union_mode="left_to_right")]
+SiteSpec = Annotated[
+    SyntheticSiteSpec | AnatomySiteSpec | PathSiteSpec, Field(union_mode="left_to_right")
+]
 
 
 class SimulationConfig(_Strict):
@@ -218,6 +259,7 @@ class ScenarioConfig(_Strict):
     train: TrainConfig = TrainConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     strategy: StrategyConfig = StrategyConfig()
+    evaluation: EvalConfig = EvalConfig()
     simulation: SimulationConfig = SimulationConfig()
 
     @field_validator("sites", mode="before")
@@ -226,10 +268,12 @@ class ScenarioConfig(_Strict):
         # Pick the union member explicitly so errors name the right fields.
         if not isinstance(value, list | tuple):
             return value
-        out = []
+        out: list[Any] = []
         for entry in value:
             if isinstance(entry, dict) and "path" in entry:
                 out.append(PathSiteSpec.model_validate(entry))
+            elif isinstance(entry, dict) and entry.get("kind") == "anatomy":
+                out.append(AnatomySiteSpec.model_validate(entry))
             elif isinstance(entry, dict):
                 out.append(SyntheticSiteSpec.model_validate(entry))
             else:
@@ -275,6 +319,8 @@ class SiteConfig(_Strict):
     val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     seed: int = 0
     torch_threads: int = Field(default=1, ge=1)
+    # Simulation only: make this site's replies misbehave (robustness tests).
+    attack: Attack = Attack.NONE
 
 
 # --------------------------------------------------------------------------

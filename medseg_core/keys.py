@@ -20,6 +20,7 @@ LEARNING_RATE = "lr"
 PROXIMAL_MU = "proximal-mu"
 EVAL_SPLIT = "split"  # "val" or "test"
 RUN_NAME = "run-name"
+MIN_COMPONENT_VOXELS = "min-component-voxels"
 
 # MetricRecord keys sent by clients
 NUM_EXAMPLES = "num-examples"

@@ -14,14 +14,16 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
+from scipy import ndimage
 from torch import Tensor, nn
 
 from medseg_core.errors import DataIntegrityError
 
-__all__ = ["SegMetrics", "evaluate_segmentation"]
+__all__ = ["SegMetrics", "evaluate_segmentation", "remove_small_components"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,37 @@ def _one_hot(volume: Tensor, num_classes: int) -> Tensor:
     return F.one_hot(x.long(), num_classes).movedim(-1, 0).unsqueeze(0).float()
 
 
+def remove_small_components(pred: Tensor, min_voxels: int) -> Tensor:
+    """Set foreground components smaller than ``min_voxels`` to background.
+
+    Parameters
+    ----------
+    pred
+        ``(S, H, W)`` int64 label map of one case (its stacked slices).
+    min_voxels
+        Components (per class, full 3D connectivity) with fewer voxels are
+        removed; the nnU-Net post-processing step, here with a fixed size.
+
+    Returns
+    -------
+    Tensor
+        A new ``(S, H, W)`` int64 label map.
+    """
+    out = pred.clone().numpy()
+    structure = np.ones((3, 3, 3), dtype=bool)
+    for cls in np.unique(out):
+        if cls == 0:
+            continue
+        comps, n = ndimage.label(out == cls, structure=structure)
+        if n == 0:
+            continue
+        sizes = np.bincount(comps.ravel())
+        small = np.flatnonzero(sizes < min_voxels)
+        small = small[small != 0]
+        out[np.isin(comps, small)] = 0
+    return torch.from_numpy(out)
+
+
 @torch.no_grad()
 def evaluate_segmentation(
     model: nn.Module,
@@ -109,6 +142,7 @@ def evaluate_segmentation(
     *,
     num_classes: int,
     batch_size: int = 64,
+    min_component_voxels: int = 0,
 ) -> SegMetrics:
     """Predict every slice, group slices into cases and score each case.
 
@@ -128,6 +162,11 @@ def evaluate_segmentation(
         ``K``, background included.
     batch_size
         Slices per forward pass.
+    min_component_voxels
+        nnU-Net-style post-processing: predicted connected components
+        (per class, 3D connectivity over a case's stacked slices) smaller
+        than this many voxels are set to background before scoring. 0 keeps
+        the raw prediction.
 
     Returns
     -------
@@ -156,7 +195,10 @@ def evaluate_segmentation(
     per_case_hd: list[float] = []
     for case in torch.unique(cases).tolist():
         rows = torch.nonzero(cases == case).squeeze(1)
-        p = _one_hot(preds[rows], num_classes)
+        pred_case = preds[rows]
+        if min_component_voxels > 0:
+            pred_case = remove_small_components(pred_case, min_component_voxels)
+        p = _one_hot(pred_case, num_classes)
         y = _one_hot(gt[rows], num_classes)
         per_case_dice.append(float(dice_metric(y_pred=p, y=y).mean()))
         hds = [

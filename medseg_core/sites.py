@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from medseg_core.config import (
+    AnatomySiteSpec,
     PathSiteSpec,
     ScenarioConfig,
     SiteConfig,
@@ -59,6 +60,13 @@ def materialise_site(
             spec, workdir / "data" / spec.id, seed=scenario.seed,
             image_size=scenario.data.image_size,
         )
+    elif isinstance(spec, AnatomySiteSpec):
+        from medseg_core.data.anatomy import generate_anatomy_site
+
+        data_dir = generate_anatomy_site(
+            spec.source, workdir / "data" / spec.id, seed=scenario.seed,
+            n_train=spec.n_train, n_test=spec.n_test, image_size=scenario.data.image_size,
+        )
     elif isinstance(spec, PathSiteSpec):
         data_dir = spec.path
     else:  # pragma: no cover - pydantic guarantees the union
@@ -78,6 +86,7 @@ def materialise_site(
         val_fraction=scenario.data.val_fraction,
         seed=scenario.seed,
         torch_threads=scenario.simulation.torch_threads,
+        attack=spec.attack,
     )
     write_site_config(site, workdir / "sites" / spec.id / "site.yaml")
     return site

@@ -94,6 +94,8 @@ def _train_config(scenario: ScenarioConfig, run_id: str) -> dict[str, Any]:
         keys.LEARNING_RATE: t.lr,
         "batch-size": t.batch_size,
         "optimizer": t.optimizer,
+        "momentum": t.momentum,
+        keys.MIN_COMPONENT_VOXELS: scenario.evaluation.min_component_voxels,
         "model": scenario.model.model_dump_json(),
         "data": scenario.data.model_dump_json(),
         keys.RUN_NAME: run_id,
@@ -260,6 +262,7 @@ def _evaluate(
     """Evaluate the global model on every site's ``split``; returns the weighted Dice."""
     cfg = ConfigRecord({
         keys.EVAL_SPLIT: split,
+        keys.MIN_COMPONENT_VOXELS: scenario.evaluation.min_component_voxels,
         "model": scenario.model.model_dump_json(),
         "data": scenario.data.model_dump_json(),
     })

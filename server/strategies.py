@@ -1,6 +1,6 @@
 """Strategy registry: config name -> Flower Message-API strategy.
 
-Aggregation is Flower's own (FedAvg, FedProx, FedAdam, FedMedian,
+Aggregation is Flower's own (FedAvg, FedAvgM, FedProx, FedAdam, FedMedian,
 FedTrimmedAvg, Krum). What medseg adds wraps around them in
 :mod:`server.federation`: reply validation before aggregation, the privacy
 ledger, checkpoints and the run store.
@@ -14,6 +14,7 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -63,8 +64,11 @@ def _common(cfg: StrategyConfig, n_sites: int) -> dict[str, object]:
 
 STRATEGIES: dict[StrategyName, Callable[[StrategyConfig, int], Strategy]] = {
     StrategyName.FEDAVG: lambda c, n: FedAvg(**_common(c, n)),  # type: ignore[arg-type]
+    StrategyName.FEDAVGM: lambda c, n: FedAvgM(  # type: ignore[arg-type]
+        **_common(c, n), server_learning_rate=c.server_lr or 1.0, server_momentum=c.server_momentum
+    ),
     StrategyName.FEDPROX: lambda c, n: FedProx(**_common(c, n), proximal_mu=c.proximal_mu),  # type: ignore[arg-type]
-    StrategyName.FEDADAM: lambda c, n: FedAdam(**_common(c, n), eta=c.server_lr),  # type: ignore[arg-type]
+    StrategyName.FEDADAM: lambda c, n: FedAdam(**_common(c, n), eta=c.server_lr or 0.01),  # type: ignore[arg-type]
     StrategyName.FEDMEDIAN: lambda c, n: FedMedian(**_common(c, n)),  # type: ignore[arg-type]
     StrategyName.FEDTRIMMEDAVG: lambda c, n: FedTrimmedAvg(**_common(c, n), beta=c.trim_beta),  # type: ignore[arg-type]
     StrategyName.KRUM: lambda c, n: Krum(**_common(c, n), num_malicious_nodes=c.num_malicious_nodes),  # type: ignore[arg-type]

@@ -70,7 +70,8 @@ def _train_arm(
     res = fit(
         model, train,
         FitSettings(epochs=epochs, lr=scenario.train.lr, batch_size=scenario.train.batch_size,
-                    optimizer=scenario.train.optimizer, seed=seed),
+                    optimizer=scenario.train.optimizer, momentum=scenario.train.momentum,
+                    seed=seed),
         num_classes=scenario.data.num_classes, privacy=plan, accountant=acc,
         secure_mode=scenario.privacy.secure_mode,
     )
@@ -90,7 +91,8 @@ def run_pooled(
     model = build_segmenter(scenario.model, scenario.data)
     per_site: dict[str, dict[str, float | int | None]] = {}
     for site, sess in zip(sites, sessions, strict=True):
-        m = evaluate_state(model, state, sess.test_set, num_classes=scenario.data.num_classes)
+        m = evaluate_state(model, state, sess.test_set, num_classes=scenario.data.num_classes,
+                           min_component_voxels=scenario.evaluation.min_component_voxels)
         per_site[site.id] = {"dice": m.dice, "epsilon": eps, "n_train": len(union),
                              "hd95": None if np.isnan(m.hd95) else m.hd95}
     return ArmResult(per_site)
@@ -109,7 +111,8 @@ def run_local(
             seed=scenario.seed + 1 + i,
         )
         model = build_segmenter(scenario.model, scenario.data)
-        m = evaluate_state(model, state, sess.test_set, num_classes=scenario.data.num_classes)
+        m = evaluate_state(model, state, sess.test_set, num_classes=scenario.data.num_classes,
+                           min_component_voxels=scenario.evaluation.min_component_voxels)
         per_site[site.id] = {"dice": m.dice, "epsilon": eps, "n_train": len(sess.train_set),
                              "hd95": None if np.isnan(m.hd95) else m.hd95}
     return ArmResult(per_site)

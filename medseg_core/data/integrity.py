@@ -126,7 +126,7 @@ class IntegrityReport:
         present = self.kinds()
         lines += [f"  - {kind}: {fix}" for kind, fix in PROBLEM_KINDS.items() if kind in present]
         lines.append(
-            "then run the check again (medseg_core.data.check_site); the site "
+            "then run the check again (`medseg check-data SITE_DIR`); the site "
             "cannot train until it passes."
         )
         return "\n".join(lines)

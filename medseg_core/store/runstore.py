@@ -64,7 +64,7 @@ CREATE TABLE IF NOT EXISTS rejected_updates (
     run_id      TEXT NOT NULL REFERENCES runs(run_id),
     round       INTEGER NOT NULL,
     site_id     TEXT NOT NULL,
-    node_id     INTEGER,
+    node_id     TEXT,               -- Flower node ids are uint64
     kind        TEXT NOT NULL,          -- 'validation' or 'error-reply'
     reason      TEXT NOT NULL,
     PRIMARY KEY (run_id, round, site_id, kind)
@@ -227,7 +227,7 @@ class RunStore:
         with self._tx() as c:
             c.execute(
                 "INSERT OR REPLACE INTO rejected_updates VALUES (?,?,?,?,?,?)",
-                (run_id, rnd, site_id, node_id, kind, reason),
+                (run_id, rnd, site_id, None if node_id is None else str(node_id), kind, reason),
             )
 
     def add_ledger(self, run_id: str, row: LedgerRow) -> bool:

@@ -52,7 +52,9 @@ class TrainResult:
     seconds: float
 
 
-def make_optimizer(model: nn.Module, name: Literal["adam", "sgd"], lr: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, name: Literal["adam", "sgd"], lr: float, *, momentum: float = 0.0
+) -> torch.optim.Optimizer:
     """Optimizer over ``model``'s trainable parameters.
 
     Parameters
@@ -61,10 +63,11 @@ def make_optimizer(model: nn.Module, name: Literal["adam", "sgd"], lr: float) ->
         The (plain) model; build the optimizer before
         :func:`medseg_core.privacy.engine.make_private`.
     name
-        ``"adam"`` (Kingma & Ba 2015, arXiv:1412.6980) or ``"sgd"`` (plain, no
-        momentum).
+        ``"adam"`` (Kingma & Ba 2015, arXiv:1412.6980) or ``"sgd"``.
     lr
         Learning rate > 0.
+    momentum
+        SGD (heavy-ball) momentum in [0, 1); ignored by Adam.
 
     Raises
     ------
@@ -85,7 +88,9 @@ def make_optimizer(model: nn.Module, name: Literal["adam", "sgd"], lr: float) ->
         raise ConfigError(f"model {type(model).__name__} has no trainable parameters")
     if name == "adam":
         return torch.optim.Adam(params, lr=float(lr))
-    return torch.optim.SGD(params, lr=float(lr))
+    if not 0.0 <= momentum < 1.0:
+        raise ConfigError(f"momentum must be in [0, 1), got {momentum!r}")
+    return torch.optim.SGD(params, lr=float(lr), momentum=float(momentum))
 
 
 def _is_dp_optimizer(optimizer: torch.optim.Optimizer) -> bool:

@@ -48,6 +48,7 @@ class FitSettings:
     lr: float
     batch_size: int
     optimizer: str = "adam"
+    momentum: float = 0.0
     proximal_mu: float = 0.0
     augment: bool = True
     seed: int = 0
@@ -159,7 +160,9 @@ def fit(
     )
     dataset = _FlipDataset(train.images, train.labels, augment=settings.augment)
     loader: DataLoader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True)
-    optimizer = make_optimizer(model, settings.optimizer, settings.lr)  # type: ignore[arg-type]
+    optimizer = make_optimizer(
+        model, settings.optimizer, settings.lr, momentum=settings.momentum  # type: ignore[arg-type]
+    )
     loss_fn = build_loss(num_classes)
     trained: nn.Module = model
     t0 = time.perf_counter()
@@ -188,7 +191,12 @@ def fit(
 
 
 def evaluate_state(
-    model: nn.Module, state: Mapping[str, np.ndarray] | None, data: SliceSet, *, num_classes: int
+    model: nn.Module,
+    state: Mapping[str, np.ndarray] | None,
+    data: SliceSet,
+    *,
+    num_classes: int,
+    min_component_voxels: int = 0,
 ) -> SegMetrics:
     """Segmentation metrics of ``state`` (or the model's current weights) on ``data``."""
     if data.labels is None:
@@ -196,5 +204,6 @@ def evaluate_state(
     if state is not None:
         load_state(model, state)
     return evaluate_segmentation(
-        model, data.images, data.labels, data.case_index, num_classes=num_classes
+        model, data.images, data.labels, data.case_index, num_classes=num_classes,
+        min_component_voxels=min_component_voxels,
     )

@@ -61,8 +61,10 @@ class RoundRequest:
     lr: float
     batch_size: int
     optimizer: str = "adam"
+    momentum: float = 0.0
     proximal_mu: float = 0.0
     run_name: str = ""
+    min_component_voxels: int = 0
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,7 @@ class SiteSession:
         plan = self.plan(req, accountant=accountant) if accountant is not None else None
         settings = FitSettings(
             epochs=req.local_epochs, lr=req.lr, batch_size=req.batch_size,
-            optimizer=req.optimizer, proximal_mu=req.proximal_mu,
+            optimizer=req.optimizer, momentum=req.momentum, proximal_mu=req.proximal_mu,
             seed=self.site.seed * 100_003 + req.server_round,
         )
         result = fit(
@@ -233,6 +235,7 @@ class SiteSession:
             val = evaluate_state(
                 build_segmenter(self.model_cfg, self.data_cfg), result.state, self.val_set,
                 num_classes=self.data_cfg.num_classes,
+                min_component_voxels=req.min_component_voxels,
             )
         logger.info(
             "site %s round %d: loss %.4f, steps %d, eps %s",
@@ -243,7 +246,9 @@ class SiteSession:
             fit=result, n_train=len(self.train_set), val=val, privacy=plan, epsilon=epsilon
         )
 
-    def evaluate(self, state: Mapping[str, np.ndarray], split: str) -> SegMetrics:
+    def evaluate(
+        self, state: Mapping[str, np.ndarray], split: str, *, min_component_voxels: int = 0
+    ) -> SegMetrics:
         """Metrics of ``state`` on the site's ``"val"`` or ``"test"`` split."""
         if split == "test":
             data = self.test_set
@@ -252,7 +257,10 @@ class SiteSession:
         else:
             raise ValueError(f"unknown split {split!r}; expected 'val' or 'test'")
         model = build_segmenter(self.model_cfg, self.data_cfg)
-        return evaluate_state(model, state, data, num_classes=self.data_cfg.num_classes)
+        return evaluate_state(
+            model, state, data, num_classes=self.data_cfg.num_classes,
+            min_component_voxels=min_component_voxels,
+        )
 
     def _append_ledger(
         self, req: RoundRequest, plan: RoundPrivacyPlan, epsilon: float, steps: int

@@ -151,3 +151,34 @@ def test_mismatched_shapes_raise_value_error() -> None:
         _evaluate(_empty(2), _empty(2), [0, 1, 2])
     with pytest.raises(ValueError, match=r"labels must have shape \(N, 1, H, W\)"):
         evaluate_segmentation(_Echo(2), torch.zeros(2, 1, H, W), _empty(3), torch.tensor([0, 1]), num_classes=2)
+
+
+def test_remove_small_components_keeps_large_and_drops_specks() -> None:
+    from medseg_core.metrics import remove_small_components
+
+    pred = torch.zeros(2, 8, 8, dtype=torch.int64)
+    pred[0, 1:4, 1:4] = 1          # 9 voxels ...
+    pred[1, 1:4, 1:4] = 1          # ... + 9 connected across slices = 18
+    pred[0, 6, 6] = 1              # a 1-voxel speck
+    out = remove_small_components(pred, min_voxels=5)
+    assert int(out.sum()) == 18
+    assert int(out[0, 6, 6]) == 0
+    assert int(pred[0, 6, 6]) == 1  # input untouched
+
+
+def test_postprocessing_changes_the_score_of_a_false_positive_speck() -> None:
+    from medseg_core.metrics import evaluate_segmentation
+
+    class Speck(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = torch.zeros(x.shape[0], 2, *x.shape[2:])
+            logits[:, 0] = 1.0
+            logits[:, 1, 0, 0] = 2.0  # one false-positive pixel per slice
+            return logits
+
+    images = torch.zeros(2, 1, 8, 8)
+    labels = torch.zeros(2, 1, 8, 8, dtype=torch.int64)  # lesion-free case
+    idx = torch.tensor([0, 1])
+    raw = evaluate_segmentation(Speck(), images, labels, idx, num_classes=2)
+    clean = evaluate_segmentation(Speck(), images, labels, idx, num_classes=2, min_component_voxels=2)
+    assert raw.dice == 0.0 and clean.dice == 1.0

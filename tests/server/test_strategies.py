@@ -2,7 +2,7 @@
 
 import pytest
 from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Krum
 
 from medseg_core.config import StrategyConfig, StrategyName
 from server.strategies import build_strategy, weighted_mean_metrics
@@ -10,7 +10,7 @@ from server.strategies import build_strategy, weighted_mean_metrics
 
 @pytest.mark.parametrize(
     ("name", "cls"),
-    [(StrategyName.FEDAVG, FedAvg), (StrategyName.FEDPROX, FedProx), (StrategyName.FEDADAM, FedAdam),
+    [(StrategyName.FEDAVG, FedAvg), (StrategyName.FEDAVGM, FedAvgM), (StrategyName.FEDPROX, FedProx), (StrategyName.FEDADAM, FedAdam),
      (StrategyName.FEDMEDIAN, FedMedian), (StrategyName.FEDTRIMMEDAVG, FedTrimmedAvg),
      (StrategyName.KRUM, Krum)],
 )
@@ -31,3 +31,8 @@ def test_weighted_mean_metrics() -> None:
     out = weighted_mean_metrics(recs, "num-examples")
     assert out["dice"] == pytest.approx(0.5)
     assert out["num-examples"] == 40
+
+
+def test_fedavgm_carries_server_momentum() -> None:
+    strategy = build_strategy(StrategyConfig(name="fedavgm", server_momentum=0.5), n_sites=3)
+    assert strategy.server_momentum == 0.5 and strategy.server_learning_rate == 1.0
