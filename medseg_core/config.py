@@ -144,6 +144,10 @@ class EvalConfig(_Strict):
     # nnU-Net-style post-processing: predicted components smaller than this
     # many voxels are removed before scoring (0 = raw argmax).
     min_component_voxels: int = Field(default=0, ge=0)
+    # Which global model is final: the last round's, or the round with the
+    # best federated validation Dice (sites' own validation splits; the test
+    # splits are never looked at). Baselines select the same way.
+    select: Literal["last", "best_val"] = "last"
 
 
 class PrivacyConfig(_Strict):

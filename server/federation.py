@@ -68,6 +68,7 @@ class FederationOutcome:
 
     run_id: str
     rounds: int
+    selected_round: int = 0
     sites: dict[str, SiteResult] = field(default_factory=dict)
     dice_mean: float | None = None
     rejected: int = 0
@@ -153,6 +154,13 @@ def run_federation(
     outcome = FederationOutcome(run_id=run_id, rounds=scenario.rounds)
     timeout = scenario.strategy.round_timeout_s
 
+    if scenario.evaluation.select == "best_val":
+        best_round, best_val = _best_so_far(store, run_id, start)
+    else:
+        best_round, best_val = start - 1, None
+    best_arrays = arrays if best_round in (0, start - 1) else state_to_record(
+        load_checkpoint(ckdir / f"round_{best_round:04d}").arrays
+    )
     for rnd in range(start, scenario.rounds + 1):
         logger.info("round %d/%d: training", rnd, scenario.rounds)
         store.start_round(run_id, rnd)
@@ -210,10 +218,13 @@ def run_federation(
         else:
             logger.warning("round %d: no update accepted; the global model is unchanged", rnd)
 
-        split = "test" if rnd == scenario.rounds else "val"
         val_dice = _evaluate(
-            grid, strategy, scenario, run_id, rnd, arrays, split, store, node_sites, outcome, timeout
+            grid, strategy, scenario, run_id, rnd, arrays, "val", store, node_sites, outcome, timeout
         )
+        if scenario.evaluation.select == "last" or (
+            val_dice is not None and (best_val is None or val_dice > best_val)
+        ):
+            best_round, best_val, best_arrays = rnd, val_dice, arrays
         ck = save_checkpoint(
             ckdir, round=rnd, arrays=record_to_state(arrays), config=config_json,
             extra={"run_id": run_id},
@@ -229,12 +240,18 @@ def run_federation(
             epsilon_max=max(eps_round) if eps_round else None,
         )
         logger.info(
-            "round %d/%d done: %d/%d updates accepted, %s dice %.4f, max eps %s",
-            rnd, scenario.rounds, len(accepted), len(replies), split,
+            "round %d/%d done: %d/%d updates accepted, val dice %.4f, max eps %s",
+            rnd, scenario.rounds, len(accepted), len(replies),
             val_dice if val_dice is not None else float("nan"),
             f"{max(eps_round):.3f}" if eps_round else "n/a",
         )
 
+    # The final model is scored once on every site's test split.
+    outcome.selected_round = best_round
+    logger.info("final model: round %d (select=%s); testing on every site",
+                best_round, scenario.evaluation.select)
+    _evaluate(grid, strategy, scenario, run_id, scenario.rounds, best_arrays, "test", store,
+              node_sites, outcome, timeout)
     for site, eps in store.max_epsilon(run_id).items():
         outcome.sites.setdefault(site, SiteResult()).epsilon = eps
     dices = [s.dice for s in outcome.sites.values() if s.dice is not None]
@@ -244,6 +261,16 @@ def run_federation(
     store.close()
     (out / "federated.json").write_text(json.dumps(outcome.to_json(), indent=2), encoding="utf-8")
     return outcome
+
+
+def _best_so_far(store: RunStore, run_id: str, start: int) -> tuple[int, float | None]:
+    """(round, val dice) of the best completed round before ``start`` (resume)."""
+    done = [r for r in store.rounds(run_id)
+            if r["finished_at"] is not None and r["round"] < start and r["val_dice"] is not None]
+    if not done:
+        return 0, None
+    best = max(done, key=lambda r: r["val_dice"])
+    return int(best["round"]), float(best["val_dice"])
 
 
 def _evaluate(

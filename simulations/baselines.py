@@ -4,8 +4,12 @@ Equal compute means the same number of sample passes per site as the
 federation: ``rounds * local_epochs`` epochs over a site's training data.
 The pooled model trains that many epochs on the union of the sites'
 training data; each local model trains that many epochs on its own site.
-Both use the same training code, model, seed and privacy settings as the
-federation (DP at the site's epsilon cap when the scenario has DP on).
+Both use the same training code, model, seed, optimiser, privacy settings
+and model selection as the federation: training runs in ``rounds`` chunks of
+``local_epochs`` epochs (the optimiser restarts each chunk, as it does on a
+site each round), DP noise is calibrated once for the whole budget, and with
+``evaluation.select: best_val`` the chunk with the best validation Dice is
+kept. Test splits are only used for the final score.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from medseg_core.config import ScenarioConfig, SiteConfig
+from medseg_core.data.slices import SliceSet
 from medseg_core.privacy.accountant import epsilon_of, new_accountant
 from medseg_core.privacy.budget import plan_round
 from medseg_core.training.session import (
@@ -49,34 +54,56 @@ class ArmResult:
 def _train_arm(
     scenario: ScenarioConfig,
     init: dict[str, np.ndarray],
-    train,  # noqa: ANN001 - SliceSet
+    train: SliceSet,
+    val: SliceSet | None,
     *,
     dp: bool,
     epsilon_cap: float,
     seed: int,
 ) -> tuple[dict[str, np.ndarray], float | None]:
-    epochs = scenario.rounds * scenario.train.local_epochs
-    model = build_segmenter(scenario.model, scenario.data)
-    load_state(model, init)
-    plan, acc = None, None
-    if dp:
-        acc = new_accountant(scenario.privacy.accountant)
-        spe = steps_per_epoch(len(train), scenario.train.batch_size)
+    t = scenario.train
+    acc = new_accountant(scenario.privacy.accountant) if dp else None
+    plan = None
+    if acc is not None:
+        spe = steps_per_epoch(len(train), t.batch_size)
         plan = plan_round(
             acc, epsilon_cap=epsilon_cap, delta=scenario.privacy.delta,
             max_grad_norm=scenario.privacy.max_grad_norm, sample_rate=1.0 / spe,
-            steps_this_round=spe * epochs, rounds_remaining=1,
+            steps_this_round=spe * t.local_epochs, rounds_remaining=scenario.rounds,
         )
-    res = fit(
-        model, train,
-        FitSettings(epochs=epochs, lr=scenario.train.lr, batch_size=scenario.train.batch_size,
-                    optimizer=scenario.train.optimizer, momentum=scenario.train.momentum,
-                    seed=seed),
-        num_classes=scenario.data.num_classes, privacy=plan, accountant=acc,
-        secure_mode=scenario.privacy.secure_mode,
-    )
+    state, best_state, best_val = init, init, -1.0
+    for chunk in range(1, scenario.rounds + 1):
+        model = build_segmenter(scenario.model, scenario.data)
+        load_state(model, state)
+        res = fit(
+            model, train,
+            FitSettings(epochs=t.local_epochs, lr=t.lr, batch_size=t.batch_size,
+                        optimizer=t.optimizer, momentum=t.momentum, seed=seed * 1000 + chunk),
+            num_classes=scenario.data.num_classes, privacy=plan, accountant=acc,
+            secure_mode=scenario.privacy.secure_mode,
+        )
+        state = res.state
+        if scenario.evaluation.select == "last" or val is None:
+            best_state = state
+            continue
+        v = evaluate_state(
+            build_segmenter(scenario.model, scenario.data), state, val,
+            num_classes=scenario.data.num_classes,
+            min_component_voxels=scenario.evaluation.min_component_voxels,
+        ).dice
+        if v > best_val:
+            best_state, best_val = state, v
     eps = epsilon_of(acc, scenario.privacy.delta) if acc is not None else None
-    return res.state, eps
+    return best_state, eps
+
+
+def _score(scenario: ScenarioConfig, state: dict[str, np.ndarray], sess: SiteSession) -> dict:
+    m = evaluate_state(
+        build_segmenter(scenario.model, scenario.data), state, sess.test_set,
+        num_classes=scenario.data.num_classes,
+        min_component_voxels=scenario.evaluation.min_component_voxels,
+    )
+    return {"dice": m.dice, "hd95": None if np.isnan(m.hd95) else m.hd95}
 
 
 def run_pooled(
@@ -85,17 +112,15 @@ def run_pooled(
     """Centralised training on the union of the sites' training data."""
     sessions = [SiteSession(s, model_cfg=scenario.model, data_cfg=scenario.data) for s in sites]
     union = concat_slicesets([s.train_set for s in sessions])
+    vals = [s.val_set for s in sessions if s.val_set is not None]
+    val = concat_slicesets(vals) if vals else None
     cap = min(s.epsilon for s in sites)
     logger.info("pooled baseline: %d slices, dp=%s", len(union), dp)
-    state, eps = _train_arm(scenario, init, union, dp=dp, epsilon_cap=cap, seed=scenario.seed)
-    model = build_segmenter(scenario.model, scenario.data)
-    per_site: dict[str, dict[str, float | int | None]] = {}
-    for site, sess in zip(sites, sessions, strict=True):
-        m = evaluate_state(model, state, sess.test_set, num_classes=scenario.data.num_classes,
-                           min_component_voxels=scenario.evaluation.min_component_voxels)
-        per_site[site.id] = {"dice": m.dice, "epsilon": eps, "n_train": len(union),
-                             "hd95": None if np.isnan(m.hd95) else m.hd95}
-    return ArmResult(per_site)
+    state, eps = _train_arm(scenario, init, union, val, dp=dp, epsilon_cap=cap, seed=scenario.seed)
+    return ArmResult({
+        site.id: {**_score(scenario, state, sess), "epsilon": eps, "n_train": len(union)}
+        for site, sess in zip(sites, sessions, strict=True)
+    })
 
 
 def run_local(
@@ -107,12 +132,9 @@ def run_local(
         sess = SiteSession(site, model_cfg=scenario.model, data_cfg=scenario.data)
         logger.info("local baseline %s: %d slices, dp=%s", site.id, len(sess.train_set), dp)
         state, eps = _train_arm(
-            scenario, init, sess.train_set, dp=dp, epsilon_cap=site.epsilon,
+            scenario, init, sess.train_set, sess.val_set, dp=dp, epsilon_cap=site.epsilon,
             seed=scenario.seed + 1 + i,
         )
-        model = build_segmenter(scenario.model, scenario.data)
-        m = evaluate_state(model, state, sess.test_set, num_classes=scenario.data.num_classes,
-                           min_component_voxels=scenario.evaluation.min_component_voxels)
-        per_site[site.id] = {"dice": m.dice, "epsilon": eps, "n_train": len(sess.train_set),
-                             "hd95": None if np.isnan(m.hd95) else m.hd95}
+        per_site[site.id] = {**_score(scenario, state, sess), "epsilon": eps,
+                             "n_train": len(sess.train_set)}
     return ArmResult(per_site)

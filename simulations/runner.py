@@ -144,6 +144,7 @@ def run_simulate(scenario: ScenarioConfig, opts: SimulationOptions) -> dict[str,
                 for sid, r in fed["sites"].items()
             },
             "rejected_updates": fed["rejected"],
+            "selected_round": fed["selected_round"],
             "checkpoint": fed["checkpoint"],
             "run_id": run_id,
             "wall_seconds": fed_seconds,
