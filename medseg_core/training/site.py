@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -217,7 +218,7 @@ class SiteSession:
         settings = FitSettings(
             epochs=req.local_epochs, lr=req.lr, batch_size=req.batch_size,
             optimizer=req.optimizer, momentum=req.momentum, proximal_mu=req.proximal_mu,
-            seed=self.site.seed * 100_003 + req.server_round,
+            seed=self._round_seed(req.server_round),
         )
         result = fit(
             model, self.train_set, settings, num_classes=self.data_cfg.num_classes,
@@ -245,6 +246,12 @@ class SiteSession:
         return RoundOutcome(
             fit=result, n_train=len(self.train_set), val=val, privacy=plan, epsilon=epsilon
         )
+
+    def _round_seed(self, server_round: int) -> int:
+        """Per-site, per-round seed: sites must not share random streams
+        (same shuffles and augmentations everywhere would correlate them)."""
+        return (self.site.seed * 1_000_003 + zlib.crc32(self.site.id.encode()) * 101
+                + server_round) % (2**31)
 
     def evaluate(
         self, state: Mapping[str, np.ndarray], split: str, *, min_component_voxels: int = 0

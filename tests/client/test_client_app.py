@@ -127,3 +127,16 @@ def test_evaluate_reports_dice_on_test_split(site_yaml: Path, tiny_scenario: Sce
     assert not reply.content.array_records  # evaluation sends no weights back
     assert yaml.safe_load(site_yaml.read_text())["id"] == "h1"
     assert isinstance(ArrayRecord(), ArrayRecord)
+
+
+def test_sites_do_not_share_random_streams(tmp_path: Path, tiny_scenario: ScenarioConfig) -> None:
+    from medseg_core.config import SiteConfig
+    from medseg_core.training.site import SiteSession
+
+    def seed_of(site_id: str) -> int:
+        sess = SiteSession.__new__(SiteSession)
+        sess.site = SiteConfig(id=site_id, data_dir=tmp_path, state_dir=tmp_path)
+        return sess._round_seed(3)
+
+    assert seed_of("a") != seed_of("b")
+    assert seed_of("a") == seed_of("a")
