@@ -12,8 +12,6 @@ from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import (
-    Array,
-    ArrayRecord,
     ConfigRecord,
     Context,
     Error,
@@ -28,6 +26,7 @@ from medseg_core.attacks import apply_attack
 from medseg_core.errors import ConfigError, DataIntegrityError, PrivacyBudgetExceeded
 from medseg_core.training.site import RoundRequest
 
+from client.records import record_to_state, state_to_record
 from client.site_runtime import resolve_site, session_for
 
 __all__ = ["app", "build_client_app", "state_to_record", "record_to_state"]
@@ -40,16 +39,6 @@ _TRAIN_KEYS = {
     "model": str, "data": str,
 }
 _EVAL_KEYS = {keys.SERVER_ROUND: int, keys.EVAL_SPLIT: str, "model": str, "data": str}
-
-
-def state_to_record(state: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Numpy state dict -> ArrayRecord (order preserved)."""
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
-
-
-def record_to_state(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """ArrayRecord -> numpy state dict."""
-    return {k: v.numpy() for k, v in record.items()}
 
 
 def _config(msg: Message, required: Mapping[str, type]) -> ConfigRecord:
@@ -160,7 +149,7 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 record_to_state(msg.content.array_records[keys.ARRAYS]), split,
                 min_component_voxels=int(cfg.get(keys.MIN_COMPONENT_VOXELS, 0)),
             )
-            n = len(session.test_set if split == "test" else (session.val_set or session.train_set))
+            n = len(session.split_set(split))
         except DataIntegrityError as exc:
             return _error_reply(msg, keys.ERR_DATA_INTEGRITY, exc)
         except ConfigError as exc:

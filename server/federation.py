@@ -42,7 +42,7 @@ from medseg_core.config import ScenarioConfig
 from medseg_core.store import LedgerRow, RunStore
 from medseg_core.training.session import build_segmenter
 
-from client.app import record_to_state, state_to_record
+from client.records import record_to_state, state_to_record
 from server.strategies import build_strategy
 from server.validation import validate_train_reply
 

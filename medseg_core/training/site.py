@@ -29,7 +29,7 @@ from medseg_core.config import DataConfig, ModelConfig, SiteConfig
 from medseg_core.data.integrity import require_valid_site
 from medseg_core.data.slices import SliceSet, load_slices, split_cases
 from medseg_core.metrics import SegMetrics
-from medseg_core.errors import PrivacyBudgetExceeded
+from medseg_core.errors import DataIntegrityError, PrivacyBudgetExceeded
 from medseg_core.privacy.accountant import (
     epsilon_of,
     load_accountant,
@@ -109,8 +109,6 @@ class SiteSession:
         cases = self.datalist.split("training")
         labelled = [c for c in cases if c.label is not None]
         if not labelled:
-            from medseg_core.errors import DataIntegrityError
-
             raise DataIntegrityError(
                 f"site {self.site.id!r} has no training case with a mask "
                 f"(label_regime={self.site.label_regime.value!r}); mask-supervised training "
@@ -253,16 +251,20 @@ class SiteSession:
         return (self.site.seed * 1_000_003 + zlib.crc32(self.site.id.encode()) * 101
                 + server_round) % (2**31)
 
+    def split_set(self, split: str) -> SliceSet:
+        """The slices of ``"val"`` (training slices when there is no
+        validation split) or ``"test"``."""
+        if split == "test":
+            return self.test_set
+        if split == "val":
+            return self.val_set if self.val_set is not None else self.train_set
+        raise ValueError(f"unknown split {split!r}; expected 'val' or 'test'")
+
     def evaluate(
         self, state: Mapping[str, np.ndarray], split: str, *, min_component_voxels: int = 0
     ) -> SegMetrics:
         """Metrics of ``state`` on the site's ``"val"`` or ``"test"`` split."""
-        if split == "test":
-            data = self.test_set
-        elif split == "val":
-            data = self.val_set if self.val_set is not None else self.train_set
-        else:
-            raise ValueError(f"unknown split {split!r}; expected 'val' or 'test'")
+        data = self.split_set(split)
         model = build_segmenter(self.model_cfg, self.data_cfg)
         return evaluate_state(
             model, state, data, num_classes=self.data_cfg.num_classes,
