@@ -22,8 +22,14 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from medseg_core import keys
+from medseg_core.adaptation import check_shared_only
 from medseg_core.attacks import apply_attack
-from medseg_core.errors import ConfigError, DataIntegrityError, PrivacyBudgetExceeded
+from medseg_core.errors import (
+    AdaptationLeakError,
+    ConfigError,
+    DataIntegrityError,
+    PrivacyBudgetExceeded,
+)
 from medseg_core.training.site import RoundRequest
 
 from client.records import record_to_state, state_to_record
@@ -106,6 +112,8 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
             return _error_reply(msg, keys.ERR_DATA_INTEGRITY, exc)
         except ConfigError as exc:
             return _error_reply(msg, keys.ERR_SITE_CONFIG, exc)
+        except AdaptationLeakError as exc:
+            return _error_reply(msg, keys.ERR_ADAPTATION_LEAK, exc)
 
         metrics = MetricRecord({
             keys.NUM_EXAMPLES: outcome.n_train,
@@ -119,7 +127,13 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
             keys.DP_ENABLED: site.dp_enabled,
             keys.N_TRAIN: outcome.n_train,
         })
-        sent = apply_attack(site.attack, outcome.fit.state, global_state)
+        try:
+            # WARNING: privacy invariant. The last check before anything
+            # leaves the site: no site-private adaptation parameter.
+            sent = apply_attack(site.attack, outcome.shared, global_state)
+            check_shared_only(sent, session.local_keys, what=f"site {site.id!r} train reply")
+        except AdaptationLeakError as exc:
+            return _error_reply(msg, keys.ERR_ADAPTATION_LEAK, exc)
         content = RecordDict({
             keys.ARRAYS: state_to_record(sent),
             keys.METRICS: metrics,
@@ -148,11 +162,13 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
             res = session.evaluate(
                 record_to_state(msg.content.array_records[keys.ARRAYS]), split,
                 min_component_voxels=int(cfg.get(keys.MIN_COMPONENT_VOXELS, 0)),
+                run_name=str(cfg.get(keys.RUN_NAME, "")),
+                model_round=int(cfg.get(keys.MODEL_ROUND, cfg[keys.SERVER_ROUND])),
             )
             n = len(session.split_set(split))
         except DataIntegrityError as exc:
             return _error_reply(msg, keys.ERR_DATA_INTEGRITY, exc)
-        except ConfigError as exc:
+        except (ConfigError, AdaptationLeakError) as exc:
             return _error_reply(msg, keys.ERR_SITE_CONFIG, exc)
         content = RecordDict({
             keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, keys.DICE: float(res.dice)}),

@@ -82,6 +82,15 @@ class Attack(StrEnum):
     SCALE = "scale"  # w_global + 10 * (w_local - w_global)
 
 
+class AdaptationMode(StrEnum):
+    """Which parameters each site keeps private (never aggregated, never sent)."""
+
+    NONE = "none"
+    NORM = "norm"  # FedBN/SiloBN: every norm layer's affine scale and shift
+    ADAPTER = "adapter"  # a residual input adapter in front of the segmenter
+    NORM_ADAPTER = "norm+adapter"
+
+
 class StrategyName(StrEnum):
     """Server aggregation strategies (Flower's Message-API strategies)."""
 
@@ -103,6 +112,7 @@ class ModelConfig(_Strict):
     num_res_units: int = Field(default=1, ge=0)
     norm_groups: int = Field(default=8, ge=1)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    adaptation: AdaptationMode = AdaptationMode.NONE
 
     @field_validator("name")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AdaptationLeakError",
     "CheckpointError",
     "ConfigError",
     "DataIntegrityError",
@@ -54,3 +55,7 @@ class UpdateRejected(MedsegError):
 
 class CheckpointError(MedsegError):
     """A checkpoint is missing, corrupt or does not match the model."""
+
+
+class AdaptationLeakError(MedsegError):
+    """A site-private adaptation parameter would have left the site."""

@@ -20,6 +20,7 @@ LEARNING_RATE = "lr"
 PROXIMAL_MU = "proximal-mu"
 EVAL_SPLIT = "split"  # "val" or "test"
 RUN_NAME = "run-name"
+MODEL_ROUND = "model-round"  # the round whose global model an evaluate message carries
 MIN_COMPONENT_VOXELS = "min-component-voxels"
 
 # MetricRecord keys sent by clients
@@ -46,3 +47,4 @@ DP_ENABLED = "dp-enabled"
 ERR_BUDGET_EXHAUSTED = 4001
 ERR_DATA_INTEGRITY = 4002
 ERR_SITE_CONFIG = 4003
+ERR_ADAPTATION_LEAK = 4004  # a site-private parameter would have been sent; nothing was

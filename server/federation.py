@@ -31,6 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from medseg_core import keys
+from medseg_core.adaptation import local_keys, split_state
 from medseg_core.checkpoint import (
     git_revision,
     latest_checkpoint,
@@ -81,10 +82,12 @@ class FederationOutcome:
 
 
 def initial_state(scenario: ScenarioConfig) -> dict[str, np.ndarray]:
-    """The seeded initial global model as numpy arrays."""
+    """The seeded initial global model as numpy arrays: the shared
+    parameters only (site-private adaptation layers never exist here)."""
     torch.manual_seed(scenario.seed)
     model = build_segmenter(scenario.model, scenario.data)
-    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+    return split_state(state, local_keys(model, scenario.model.adaptation))[0]
 
 
 def _train_config(scenario: ScenarioConfig, run_id: str) -> dict[str, Any]:
@@ -219,7 +222,8 @@ def run_federation(
             logger.warning("round %d: no update accepted; the global model is unchanged", rnd)
 
         val_dice = _evaluate(
-            grid, strategy, scenario, run_id, rnd, arrays, "val", store, node_sites, outcome, timeout
+            grid, strategy, scenario, run_id, rnd, rnd, arrays, "val", store, node_sites, outcome,
+            timeout,
         )
         if scenario.evaluation.select == "last" or (
             val_dice is not None and (best_val is None or val_dice > best_val)
@@ -250,8 +254,8 @@ def run_federation(
     outcome.selected_round = best_round
     logger.info("final model: round %d (select=%s); testing on every site",
                 best_round, scenario.evaluation.select)
-    _evaluate(grid, strategy, scenario, run_id, scenario.rounds, best_arrays, "test", store,
-              node_sites, outcome, timeout)
+    _evaluate(grid, strategy, scenario, run_id, scenario.rounds, best_round, best_arrays, "test",
+              store, node_sites, outcome, timeout)
     for site, eps in store.max_epsilon(run_id).items():
         outcome.sites.setdefault(site, SiteResult()).epsilon = eps
     dices = [s.dice for s in outcome.sites.values() if s.dice is not None]
@@ -279,6 +283,7 @@ def _evaluate(
     scenario: ScenarioConfig,
     run_id: str,
     rnd: int,
+    model_round: int,
     arrays: ArrayRecord,
     split: str,
     store: RunStore,
@@ -286,9 +291,13 @@ def _evaluate(
     outcome: FederationOutcome,
     timeout: float,
 ) -> float | None:
-    """Evaluate the global model on every site's ``split``; returns the weighted Dice."""
+    """Evaluate the global model of ``model_round`` on every site's ``split``
+    (each site merges in its private adaptation layers of that round);
+    returns the weighted Dice."""
     cfg = ConfigRecord({
         keys.EVAL_SPLIT: split,
+        keys.RUN_NAME: run_id,
+        keys.MODEL_ROUND: model_round,
         keys.MIN_COMPONENT_VOXELS: scenario.evaluation.min_component_voxels,
         "model": scenario.model.model_dump_json(),
         "data": scenario.data.model_dump_json(),

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medseg_core.config import ScenarioConfig, SiteConfig
+from medseg_core.config import AdaptationMode, ScenarioConfig, SiteConfig
 from medseg_core.data.slices import SliceSet
 from medseg_core.privacy.accountant import epsilon_of, new_accountant
 from medseg_core.privacy.budget import plan_round
@@ -34,7 +34,7 @@ from medseg_core.training.session import (
 )
 from medseg_core.training.site import SiteSession
 
-__all__ = ["ArmResult", "run_local", "run_pooled"]
+__all__ = ["ArmResult", "plain_scenario", "run_local", "run_pooled"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,16 @@ class ArmResult:
     def dice_mean(self) -> float:
         """Unweighted mean of per-site Dice (sites count equally)."""
         return float(np.mean([float(v["dice"]) for v in self.per_site.values()]))  # type: ignore[arg-type]
+
+
+def plain_scenario(scenario: ScenarioConfig) -> ScenarioConfig:
+    """The scenario with no site-private adaptation layers.
+
+    The pooled model is one centralised model (no sites to adapt to); a local
+    model is wholly private anyway. Both therefore train the plain segmenter.
+    """
+    model = scenario.model.model_copy(update={"adaptation": AdaptationMode.NONE})
+    return scenario.model_copy(update={"model": model})
 
 
 def _train_arm(
@@ -109,7 +119,11 @@ def _score(scenario: ScenarioConfig, state: dict[str, np.ndarray], sess: SiteSes
 def run_pooled(
     scenario: ScenarioConfig, sites: list[SiteConfig], init: dict[str, np.ndarray], *, dp: bool
 ) -> ArmResult:
-    """Centralised training on the union of the sites' training data."""
+    """Centralised training on the union of the sites' training data.
+
+    ``init`` is the initial state of :func:`plain_scenario`'s model.
+    """
+    scenario = plain_scenario(scenario)
     sessions = [SiteSession(s, model_cfg=scenario.model, data_cfg=scenario.data) for s in sites]
     union = concat_slicesets([s.train_set for s in sessions])
     vals = [s.val_set for s in sessions if s.val_set is not None]
@@ -126,7 +140,11 @@ def run_pooled(
 def run_local(
     scenario: ScenarioConfig, sites: list[SiteConfig], init: dict[str, np.ndarray], *, dp: bool
 ) -> ArmResult:
-    """Each site trains alone on its own data; evaluated on its own test split."""
+    """Each site trains alone on its own data; evaluated on its own test split.
+
+    ``init`` is the initial state of :func:`plain_scenario`'s model.
+    """
+    scenario = plain_scenario(scenario)
     per_site: dict[str, dict[str, float | int | None]] = {}
     for i, site in enumerate(sites):
         sess = SiteSession(site, model_cfg=scenario.model, data_cfg=scenario.data)

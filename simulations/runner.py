@@ -136,6 +136,7 @@ def run_simulate(scenario: ScenarioConfig, opts: SimulationOptions) -> dict[str,
         "epsilon_cap": {s.id: s.epsilon for s in sites} if dp else None,
         "delta": scenario.privacy.delta if dp else None,
         "strategy": scenario.strategy.name.value,
+        "adaptation": scenario.model.adaptation.value,
         "federated": {
             "dice_mean": fed["dice_mean"],
             "per_site": {
@@ -153,9 +154,9 @@ def run_simulate(scenario: ScenarioConfig, opts: SimulationOptions) -> dict[str,
         "local": None,
     }
     if opts.baselines:
-        from simulations.baselines import run_local, run_pooled
+        from simulations.baselines import plain_scenario, run_local, run_pooled
 
-        init = initial_state(scenario)
+        init = initial_state(plain_scenario(scenario))
         pooled = run_pooled(scenario, sites, init, dp=dp)
         local = run_local(scenario, sites, init, dp=dp)
         summary["pooled"] = {"dice_mean": pooled.dice_mean, "per_site": pooled.per_site}

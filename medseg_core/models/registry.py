@@ -28,6 +28,7 @@ from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from medseg_core.adaptation.layers import AdaptedSegmenter
 from medseg_core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -194,6 +195,9 @@ def build_model(cfg: ModelConfig, *, in_channels: int, out_channels: int) -> nn.
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{arg} must be a positive int, got {value!r}")
     model = builder(cfg, in_channels=in_channels, out_channels=out_channels)
+    if cfg.adaptation in ("adapter", "norm+adapter"):
+        # Site-private input adapter (medseg_core.adaptation): identity at init.
+        model = AdaptedSegmenter(model, in_channels=in_channels)
     validate_dp_compatible(model)
     logger.debug(
         "built %s: %d parameters", cfg.name, sum(p.numel() for p in model.parameters())

@@ -8,7 +8,10 @@ State kept in ``state_dir`` (never sent anywhere):
 
 * ``accountant.json`` - the Opacus accountant's history, so epsilon composes
   over every round and survives a restart of the client process;
-* ``ledger.jsonl`` - the site's own append-only privacy ledger.
+* ``ledger.jsonl`` - the site's own append-only privacy ledger;
+* ``adaptation/`` - the site-private adaptation parameters of every round
+  (:mod:`medseg_core.adaptation`), which are merged into the global model on
+  arrival and split off again before anything is sent.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medseg_core.adaptation import AdaptationStore, check_shared_only, local_keys, merge_state, split_state
+from medseg_core.adaptation.tta import TTAResult, adapt_unlabeled
 from medseg_core.config import DataConfig, ModelConfig, SiteConfig
 from medseg_core.data.integrity import require_valid_site
 from medseg_core.data.slices import SliceSet, load_slices, split_cases
@@ -70,9 +75,14 @@ class RoundRequest:
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    """A site's result for one round (weights + statistics + privacy)."""
+    """A site's result for one round (weights + statistics + privacy).
+
+    ``shared`` is the only state that may leave the site: the trained
+    weights without the site-private adaptation parameters.
+    """
 
     fit: FitResult
+    shared: dict[str, np.ndarray]
     n_train: int
     val: SegMetrics | None
     privacy: RoundPrivacyPlan | None
@@ -138,6 +148,65 @@ class SiteSession:
             self.datalist.split("test"), image_size=self.data_cfg.image_size,
             context_slices=self.data_cfg.context_slices,
         )
+
+    # ------------------------------------------------------------ adaptation
+    @cached_property
+    def local_keys(self) -> frozenset[str]:
+        """State-dict keys this site keeps private (``model.adaptation``)."""
+        return local_keys(build_segmenter(self.model_cfg, self.data_cfg), self.model_cfg.adaptation)
+
+    def _initial_private(self) -> dict[str, np.ndarray]:
+        """Private parameters before the site's first round (seeded; the
+        adapter is the identity and norm layers scale 1, shift 0)."""
+        torch.manual_seed(self.site.seed)
+        model = build_segmenter(self.model_cfg, self.data_cfg)
+        state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+        return split_state(state, self.local_keys)[1]
+
+    def private_state(self, run_name: str, model_round: int, *, before: bool = False) -> dict[str, np.ndarray]:
+        """The site's private parameters to pair with the global model of
+        ``model_round`` (``before=True``: to start training that round)."""
+        if not self.local_keys:
+            return {}
+        store = AdaptationStore(self.site.state_dir, run_name)
+        found = store.load_before(model_round) if before else store.load_at(model_round)
+        return found if found is not None else self._initial_private()
+
+    def full_state(self, global_state: Mapping[str, np.ndarray], run_name: str, model_round: int,
+                   *, before: bool = False) -> dict[str, np.ndarray]:
+        """The global shared weights merged with this site's private ones."""
+        private = self.private_state(run_name, model_round, before=before)
+        return merge_state(global_state, private)
+
+    @cached_property
+    def unlabeled_images(self) -> torch.Tensor:
+        """Every training slice's image, masks ignored (for test-time adaptation)."""
+        return load_slices(
+            self.datalist.split("training"), image_size=self.data_cfg.image_size,
+            context_slices=self.data_cfg.context_slices, require_labels=False,
+        ).images
+
+    def test_time_adapt(
+        self, global_state: Mapping[str, np.ndarray], run_name: str, model_round: int, *,
+        epochs: int = 2, lr: float = 1e-3,
+    ) -> TTAResult:
+        """Adapt this site's private parameters to its unlabeled images
+        (:func:`medseg_core.adaptation.tta.adapt_unlabeled`) and store them as
+        the site's parameters for ``model_round``, so evaluation uses them."""
+        torch.set_num_threads(self.site.torch_threads)
+        model = build_segmenter(self.model_cfg, self.data_cfg)
+        load_state(model, self.full_state(global_state, run_name, model_round))
+        res = adapt_unlabeled(model, self.unlabeled_images, self.local_keys, epochs=epochs, lr=lr,
+                              seed=self._round_seed(model_round))
+        AdaptationStore(self.site.state_dir, run_name).save(model_round, res.private)
+        return res
+
+    def export_shared(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The part of ``state`` that may be sent; raises AdaptationLeakError
+        if a private key would remain (nothing is sent then)."""
+        shared, _ = split_state(state, self.local_keys)
+        check_shared_only(shared, self.local_keys, what=f"site {self.site.id!r} outgoing update")
+        return shared
 
     # --------------------------------------------------------------- privacy
     @property
@@ -210,7 +279,7 @@ class SiteSession:
         """
         torch.set_num_threads(self.site.torch_threads)
         model = build_segmenter(self.model_cfg, self.data_cfg)
-        load_state(model, global_state)
+        load_state(model, self.full_state(global_state, req.run_name, req.server_round, before=True))
         accountant = self.load_accountant() if self.site.dp_enabled else None
         plan = self.plan(req, accountant=accountant) if accountant is not None else None
         settings = FitSettings(
@@ -222,6 +291,11 @@ class SiteSession:
             model, self.train_set, settings, num_classes=self.data_cfg.num_classes,
             privacy=plan, accountant=accountant, secure_mode=self.site.secure_mode,
         )
+        shared = self.export_shared(result.state)
+        if self.local_keys:
+            AdaptationStore(self.site.state_dir, req.run_name).save(
+                req.server_round, split_state(result.state, self.local_keys)[1]
+            )
         epsilon = None
         if accountant is not None and plan is not None:
             # WARNING: persist before replying, so a crash after the reply
@@ -242,7 +316,7 @@ class SiteSession:
             "n/a" if epsilon is None else f"{epsilon:.3f}",
         )
         return RoundOutcome(
-            fit=result, n_train=len(self.train_set), val=val, privacy=plan, epsilon=epsilon
+            fit=result, shared=shared, n_train=len(self.train_set), val=val, privacy=plan, epsilon=epsilon
         )
 
     def _round_seed(self, server_round: int) -> int:
@@ -261,13 +335,16 @@ class SiteSession:
         raise ValueError(f"unknown split {split!r}; expected 'val' or 'test'")
 
     def evaluate(
-        self, state: Mapping[str, np.ndarray], split: str, *, min_component_voxels: int = 0
+        self, state: Mapping[str, np.ndarray], split: str, *, min_component_voxels: int = 0,
+        run_name: str = "", model_round: int = 0,
     ) -> SegMetrics:
-        """Metrics of ``state`` on the site's ``"val"`` or ``"test"`` split."""
+        """Metrics of the global ``state`` (of round ``model_round``) on the
+        site's ``"val"`` or ``"test"`` split, with the site's private
+        adaptation parameters of that round merged in."""
         data = self.split_set(split)
         model = build_segmenter(self.model_cfg, self.data_cfg)
         return evaluate_state(
-            model, state, data, num_classes=self.data_cfg.num_classes,
+            model, self.full_state(state, run_name, model_round), data, num_classes=self.data_cfg.num_classes,
             min_component_voxels=min_component_voxels,
         )
 

@@ -30,7 +30,7 @@ rounds: 2
 sites:
   - {id: site-a, dims: 2, n_train: 10, n_test: 3}
   - {id: site-b, dims: 3, depth: 4, n_train: 3, n_test: 1, shift: {intensity_scale: 1.4, noise_std: 0.05}}
-model: {channels: [8, 16], strides: [2], norm_groups: 4}
+model: {channels: [8, 16], strides: [2], norm_groups: 4, adaptation: norm+adapter}
 data: {image_size: 32, val_fraction: 0.25}
 train: {local_epochs: 1, batch_size: 4, lr: 0.005}
 privacy: {enabled: true, epsilon: 6.0, delta: 1.0e-5}
@@ -97,13 +97,39 @@ def test_final_checkpoint_reloads_into_the_model(run: dict) -> None:
     ck = load_checkpoint(latest_checkpoint(run["out"] / "server" / "checkpoints"))
     assert ck.round == 2
     scenario = load_scenario(run["cfg"])
-    model = build_segmenter(scenario.model, scenario.data)
-    load_state(model, ck.arrays)  # strict: same keys and shapes
-    assert ck.meta["config"]["rounds"] == 2
+    run_id = run["summary"]["federated"]["run_id"]
     sess = SiteSession(load_site_config(run["out"] / "sites" / "site-a" / "site.yaml"),
                        model_cfg=scenario.model, data_cfg=scenario.data)
-    reloaded = sess.evaluate(ck.arrays, "test").dice
+    model = build_segmenter(scenario.model, scenario.data)
+    # strict: the global shared weights + the site's own adaptation layers
+    load_state(model, sess.full_state(ck.arrays, run_id, 2))
+    assert ck.meta["config"]["rounds"] == 2
+    selected = run["summary"]["federated"]["selected_round"]
+    best = load_checkpoint(run["out"] / "server" / "checkpoints" / f"round_{selected:04d}")
+    reloaded = sess.evaluate(best.arrays, "test", run_name=run_id, model_round=selected).dice
     assert reloaded == pytest.approx(run["summary"]["federated"]["per_site"]["site-a"]["dice"], abs=1e-6)
+
+
+def test_adaptation_layers_stay_on_the_sites(run: dict) -> None:
+    """The server never held a private parameter; every site kept its own, per round."""
+    from medseg_core.adaptation import AdaptationStore
+
+    scenario = load_scenario(run["cfg"])
+    run_id = run["summary"]["federated"]["run_id"]
+    ck = load_checkpoint(latest_checkpoint(run["out"] / "server" / "checkpoints"))
+    privates = []
+    for sid in ("site-a", "site-b"):
+        sess = SiteSession(load_site_config(run["out"] / "sites" / sid / "site.yaml"),
+                           model_cfg=scenario.model, data_cfg=scenario.data)
+        assert sess.local_keys and not set(ck.arrays) & sess.local_keys
+        store = AdaptationStore(sess.site.state_dir, run_id)
+        assert store.rounds() == [1, 2]
+        privates.append(store.load_at(2))
+    # each site's layers are its own (trained on its own data, never averaged)
+    k = "adapter.conv2.weight"
+    assert not (privates[0][k] == privates[1][k]).all()
+    with RunStore(run["out"] / "server" / "runstore.sqlite") as store:
+        assert store.rejections(run_id) == []
 
 
 def test_accountant_survives_client_restart(run: dict) -> None:

@@ -1,0 +1,145 @@
+"""Site-private adaptation layers: which keys stay local, the store, the leak check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+
+from medseg_core.adaptation import (
+    AdaptationStore,
+    InputAdapter,
+    check_shared_only,
+    local_keys,
+    merge_state,
+    split_state,
+)
+from medseg_core.config import AdaptationMode, DataConfig, ModelConfig, parse_model
+from medseg_core.errors import AdaptationLeakError
+from medseg_core.training.session import build_segmenter
+
+
+def _model(mode: str) -> torch.nn.Module:
+    cfg = parse_model(ModelConfig, {"channels": [8, 16], "strides": [2], "norm_groups": 4,
+                                    "adaptation": mode})
+    return build_segmenter(cfg, DataConfig(image_size=32))
+
+
+def test_norm_mode_keeps_every_groupnorm_affine_local() -> None:
+    model = _model("norm")
+    keys = local_keys(model, AdaptationMode.NORM)
+    norms = [n for n, m in model.named_modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and keys == {f"{n}.{p}" for n in norms for p in ("weight", "bias")}
+    assert not any(k.startswith("adapter.") for k in keys)
+
+
+def test_adapter_modes_and_none() -> None:
+    model = _model("norm+adapter")
+    both = local_keys(model, AdaptationMode.NORM_ADAPTER)
+    only_adapter = local_keys(model, AdaptationMode.ADAPTER)
+    assert only_adapter == {k for k in model.state_dict() if k.startswith("adapter.")}
+    assert only_adapter < both
+    assert local_keys(model, AdaptationMode.NONE) == frozenset()
+
+
+def test_adapter_mode_on_a_model_without_adapter_is_an_error() -> None:
+    with pytest.raises(ValueError, match="needs an input adapter"):
+        local_keys(_model("none"), AdaptationMode.ADAPTER)
+
+
+def test_unknown_mode_names_the_choices() -> None:
+    with pytest.raises(Exception, match="norm\\+adapter"):
+        parse_model(ModelConfig, {"adaptation": "nrom"})
+
+
+def test_input_adapter_is_identity_at_init_and_dp_compatible() -> None:
+    adapter = InputAdapter(3)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(adapter(x), x)
+    model = _model("norm+adapter")
+    ModuleValidator.validate(model, strict=True)
+
+
+def test_split_merge_roundtrip_and_leak_check() -> None:
+    model = _model("norm+adapter")
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    local = local_keys(model, AdaptationMode.NORM_ADAPTER)
+    shared, private = split_state(state, local)
+    assert set(private) == local and not set(shared) & local
+    assert merge_state(shared, private).keys() == state.keys()
+    check_shared_only(shared, local, what="update")  # no error
+    with pytest.raises(AdaptationLeakError, match="adapter.conv1.weight.*Refused before sending"):
+        check_shared_only(state, local, what="update")
+    with pytest.raises(AdaptationLeakError, match="global model from the server"):
+        merge_state(state, private)
+
+
+def test_store_pairs_rounds_and_isolates_runs(tmp_path: Path) -> None:
+    store = AdaptationStore(tmp_path, "run-a")
+    for r in (1, 2, 4):
+        store.save(r, {"w": np.full(2, float(r), np.float32)})
+    assert store.rounds() == [1, 2, 4]
+    assert store.load_before(1) is None
+    assert store.load_before(4)["w"][0] == 2.0  # training round 4 starts from round 2's
+    assert store.load_at(3)["w"][0] == 2.0  # the site missed round 3
+    assert store.load_at(4)["w"][0] == 4.0
+    assert AdaptationStore(tmp_path, "run-b").load_at(4) is None
+
+
+def _adapted_site(tmp_path: Path, mode: str = "norm+adapter"):
+    from medseg_core.config import ScenarioConfig
+    from medseg_core.sites import materialise_site
+    from medseg_core.training.site import SiteSession
+
+    scenario = parse_model(ScenarioConfig, {
+        "sites": [{"id": "new", "n_train": 8, "n_test": 2,
+                   "shift": {"intensity_scale": 1.6, "intensity_offset": 0.2}}],
+        "model": {"channels": [8, 16], "strides": [2], "norm_groups": 4, "adaptation": mode},
+        "data": {"image_size": 32}})
+    site = materialise_site(scenario.sites[0], scenario, tmp_path)
+    return scenario, SiteSession(site, model_cfg=scenario.model, data_cfg=scenario.data)
+
+
+def test_tta_changes_only_private_parameters_and_lowers_entropy(tmp_path: Path) -> None:
+    from server.federation import initial_state
+
+    scenario, sess = _adapted_site(tmp_path)
+    glob = initial_state(scenario)
+    before = sess.private_state("r", 3)
+    res = sess.test_time_adapt(glob, "r", 3, epochs=3, lr=1e-2)
+    assert res.entropy_after < res.entropy_before and res.steps == 3
+    assert set(res.private) == sess.local_keys
+    assert any(not np.array_equal(res.private[k], before[k]) for k in before)
+    # stored as the site's parameters for that round: evaluation now uses them
+    stored = AdaptationStore(sess.site.state_dir, "r").load_at(3)
+    assert all(np.array_equal(stored[k], res.private[k]) for k in res.private)
+    assert set(glob) & sess.local_keys == set()  # the global model was not touched
+
+
+def test_tta_without_private_parameters_says_how_to_fix(tmp_path: Path) -> None:
+    from server.federation import initial_state
+
+    scenario, sess = _adapted_site(tmp_path, mode="none")
+    with pytest.raises(ValueError, match="set model.adaptation"):
+        sess.test_time_adapt(initial_state(scenario), "r", 1)
+
+
+def test_medseg_adapt_cli_reports_before_and_after(tmp_path: Path, capsys) -> None:
+    import json
+
+    from medseg_core.checkpoint import save_checkpoint
+    from server.federation import initial_state
+    from simulations.cli import main
+
+    scenario, sess = _adapted_site(tmp_path)
+    ck = save_checkpoint(tmp_path / "ck", round=4, arrays=initial_state(scenario),
+                         config=json.loads(scenario.model_dump_json()), extra={"run_id": "fed-1"})
+    site_yaml = tmp_path / "sites" / "new" / "site.yaml"
+    assert main(["adapt", "--site", str(site_yaml), "--checkpoint", str(ck), "--epochs", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["round"] == 4 and report["steps"] == 1
+    assert 0.0 <= report["test_dice_before"] <= 1.0 and 0.0 <= report["test_dice_after"] <= 1.0
+    assert AdaptationStore(sess.site.state_dir, "fed-1").rounds() == [4]
