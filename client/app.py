@@ -165,19 +165,24 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 run_name=str(cfg.get(keys.RUN_NAME, "")),
                 model_round=int(cfg.get(keys.MODEL_ROUND, cfg[keys.SERVER_ROUND])),
             )
-            n = len(session.split_set(split))
         except DataIntegrityError as exc:
             return _error_reply(msg, keys.ERR_DATA_INTEGRITY, exc)
         except (ConfigError, AdaptationLeakError) as exc:
             return _error_reply(msg, keys.ERR_SITE_CONFIG, exc)
+        # A site without masks on this split reports num-examples 0: its Dice
+        # carries no weight (the key set stays the same for every site).
         content = RecordDict({
-            keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, keys.DICE: float(res.dice)}),
+            keys.METRICS: MetricRecord({
+                keys.NUM_EXAMPLES: res.n_dice,
+                keys.DICE: float(res.dice) if res.dice is not None else 0.0,
+            }),
             keys.SITE: ConfigRecord({
                 keys.SITE_ID: site.id,
                 keys.LABEL_REGIME: site.label_regime.value,
                 keys.DP_ENABLED: site.dp_enabled,
                 keys.N_TRAIN: len(session.train_set),
-                keys.HD95: float(res.hd95),
+                keys.HD95: float(res.hd95) if res.hd95 is not None else float("nan"),
+                keys.AUC: float(res.auc) if res.auc is not None else float("nan"),
                 keys.EVAL_SPLIT: split,
                 "epsilon-spent": float(session.epsilon_spent()) if site.dp_enabled else -1.0,
             }),

@@ -113,6 +113,7 @@ class ModelConfig(_Strict):
     norm_groups: int = Field(default=8, ge=1)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     adaptation: AdaptationMode = AdaptationMode.NONE
+    weak_head: Literal["none", "cam"] = "none"  # CAM head for image-level labels
 
     @field_validator("name")
     @classmethod

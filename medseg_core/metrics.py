@@ -23,7 +23,9 @@ from torch import Tensor, nn
 
 from medseg_core.errors import DataIntegrityError
 
-__all__ = ["SegMetrics", "evaluate_segmentation", "remove_small_components"]
+__all__ = [
+    "case_scores",
+    "roc_auc","SegMetrics", "evaluate_segmentation", "remove_small_components"]
 
 logger = logging.getLogger(__name__)
 
@@ -213,3 +215,37 @@ def evaluate_segmentation(
     hd95 = sum(per_case_hd) / len(per_case_hd) if per_case_hd else math.nan
     logger.debug("evaluated %d slices in %d cases: dice=%.4f hd95=%.3f", images.shape[0], n_cases, dice, hd95)
     return SegMetrics(dice=dice, hd95=hd95, n_cases=n_cases, per_case_dice=tuple(per_case_dice))
+
+
+@torch.no_grad()
+def case_scores(model: nn.Module, images: Tensor, case_index: Tensor, *, batch_size: int = 64) -> Tensor:
+    """Image/bag-level score per case: the maximum foreground probability
+    over the case's pixels (all its slices).
+
+    Returns
+    -------
+    Tensor
+        ``(n_cases,)`` float32, ``n_cases = case_index.max() + 1``.
+    """
+    was = model.training
+    model.eval()
+    try:
+        per_slice = torch.cat([
+            model(images[i:i + batch_size]).softmax(dim=1)[:, 1:].sum(dim=1).flatten(1).amax(dim=1)
+            for i in range(0, len(images), batch_size)
+        ]) if len(images) else torch.zeros(0)
+    finally:
+        model.train(was)
+    n = int(case_index.max()) + 1 if len(case_index) else 0
+    out = torch.zeros(n)
+    return out.scatter_reduce(0, case_index, per_slice, reduce="amax", include_self=False)
+
+
+def roc_auc(scores: Tensor, labels: Tensor) -> float:
+    """Area under the ROC curve (MONAI ``compute_roc_auc``); NaN unless both
+    classes are present."""
+    from monai.metrics import compute_roc_auc
+
+    if len(labels) == 0 or bool((labels == labels[0]).all()):
+        return float("nan")
+    return float(compute_roc_auc(scores.float(), labels.float()))

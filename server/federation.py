@@ -61,6 +61,7 @@ class SiteResult:
     epsilon: float | None = None
     n_train: int | None = None
     label_regime: str | None = None
+    bag_auc: float | None = None
 
 
 @dataclass
@@ -318,12 +319,16 @@ def _evaluate(
             continue
         dice, n = float(m[keys.DICE]), int(m[keys.NUM_EXAMPLES])
         hd = float(s.get(keys.HD95, math.nan))
+        auc = float(s.get(keys.AUC, math.nan))
+        # n == 0: the site has no masks on this split (image-level labels only)
         store.add_site_metrics(run_id, rnd, site, phase="evaluate", split=split,
-                               num_examples=n, dice=dice, hd95=hd if math.isfinite(hd) else None)
+                               num_examples=n, dice=dice if n else None,
+                               hd95=hd if math.isfinite(hd) else None)
         num, den = num + dice * n, den + n
         if split == "test":
             outcome.sites[site] = SiteResult(
-                dice=dice, hd95=hd if math.isfinite(hd) else None,
+                dice=dice if n else None, hd95=hd if math.isfinite(hd) else None,
                 n_train=int(s.get(keys.N_TRAIN, 0)), label_regime=str(s.get(keys.LABEL_REGIME, "")),
+                bag_auc=auc if math.isfinite(auc) else None,
             )
     return num / den if den else None

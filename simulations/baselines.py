@@ -33,6 +33,7 @@ from medseg_core.training.session import (
     steps_per_epoch,
 )
 from medseg_core.training.site import SiteSession
+from medseg_core.weak import WeakSettings
 
 __all__ = ["ArmResult", "plain_scenario", "run_local", "run_pooled"]
 
@@ -48,7 +49,8 @@ class ArmResult:
     @property
     def dice_mean(self) -> float:
         """Unweighted mean of per-site Dice (sites count equally)."""
-        return float(np.mean([float(v["dice"]) for v in self.per_site.values()]))  # type: ignore[arg-type]
+        dices = [float(v["dice"]) for v in self.per_site.values() if v["dice"] is not None]  # type: ignore[arg-type]
+        return float(np.mean(dices)) if dices else float("nan")
 
 
 def plain_scenario(scenario: ScenarioConfig) -> ScenarioConfig:
@@ -91,6 +93,7 @@ def _train_arm(
                         optimizer=t.optimizer, momentum=t.momentum, seed=seed * 1000 + chunk),
             num_classes=scenario.data.num_classes, privacy=plan, accountant=acc,
             secure_mode=scenario.privacy.secure_mode,
+            weak=WeakSettings() if scenario.model.weak_head == "cam" else None,
         )
         state = res.state
         if scenario.evaluation.select == "last" or val is None:
@@ -108,12 +111,11 @@ def _train_arm(
 
 
 def _score(scenario: ScenarioConfig, state: dict[str, np.ndarray], sess: SiteSession) -> dict:
-    m = evaluate_state(
-        build_segmenter(scenario.model, scenario.data), state, sess.test_set,
-        num_classes=scenario.data.num_classes,
-        min_component_voxels=scenario.evaluation.min_component_voxels,
-    )
-    return {"dice": m.dice, "hd95": None if np.isnan(m.hd95) else m.hd95}
+    m = sess.evaluate(state, "test", min_component_voxels=scenario.evaluation.min_component_voxels)
+    out: dict = {"dice": m.dice, "hd95": m.hd95}
+    if m.auc is not None:
+        out["bag_auc"] = m.auc
+    return out
 
 
 def run_pooled(

@@ -34,7 +34,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     summary = run_simulate(
         scenario,
         SimulationOptions(out_dir=out, baselines=args.baselines, quick=args.quick, dp=dp,
-                          verbose=args.verbose),
+                          verbose=args.verbose, compare=args.compare),
     )
     print()
     print(format_table(summary))
@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--baselines", action="store_true",
                    help="also train pooled and local-only models at equal compute")
     s.add_argument("--quick", action="store_true", help="smaller, 2-round smoke run")
+    s.add_argument("--compare", action="store_true",
+                   help="also run the scenario with every synthetic site given full masks and "
+                        "report weak/full Dice per weak-label site")
     s.add_argument("--dp", choices=["on", "off"], default=None,
                    help="override the scenario's privacy.enabled")
     s.set_defaults(func=_cmd_simulate)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medseg_core.config import ScenarioConfig, SyntheticSiteSpec
+from medseg_core.config import LabelRegime, ScenarioConfig, SyntheticSiteSpec
 from medseg_core.sites import materialise_sites
 
 __all__ = ["SimulationOptions", "quick_variant", "run_simulate", "set_flower_env"]
@@ -35,6 +35,7 @@ class SimulationOptions:
     quick: bool = False
     dp: bool | None = None  # None: as the scenario says
     verbose: bool = False
+    compare: bool = False  # also run every synthetic site with full masks
 
 
 def quick_variant(scenario: ScenarioConfig) -> ScenarioConfig:
@@ -141,7 +142,8 @@ def run_simulate(scenario: ScenarioConfig, opts: SimulationOptions) -> dict[str,
             "dice_mean": fed["dice_mean"],
             "per_site": {
                 sid: {"dice": r["dice"], "epsilon": r["epsilon"], "n_train": r["n_train"],
-                      "hd95": r["hd95"], "label_regime": r["label_regime"]}
+                      "hd95": r["hd95"], "label_regime": r["label_regime"],
+                      **({"bag_auc": r["bag_auc"]} if r.get("bag_auc") is not None else {})}
                 for sid, r in fed["sites"].items()
             },
             "rejected_updates": fed["rejected"],
@@ -161,9 +163,60 @@ def run_simulate(scenario: ScenarioConfig, opts: SimulationOptions) -> dict[str,
         local = run_local(scenario, sites, init, dp=dp)
         summary["pooled"] = {"dice_mean": pooled.dice_mean, "per_site": pooled.per_site}
         summary["local"] = {"dice_mean": local.dice_mean, "per_site": local.per_site}
+    if opts.compare:
+        summary["compare"] = _compare_full_masks(scenario, summary, out, dp=dp, verbose=opts.verbose)
     summary["wall_seconds"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
+
+
+def full_mask_variant(scenario: ScenarioConfig) -> ScenarioConfig:
+    """``scenario`` with every synthetic site given full masks (same seed,
+    so the same images, lesions and test cases)."""
+    sites = tuple(
+        s.model_copy(update={"label_regime": LabelRegime.MASK}) if isinstance(s, SyntheticSiteSpec)
+        else s
+        for s in scenario.sites
+    )
+    return scenario.model_copy(update={"sites": sites, "name": f"{scenario.name}-full-masks"})
+
+
+def _compare_full_masks(
+    scenario: ScenarioConfig, summary: dict[str, Any], out: Path, *, dp: bool, verbose: bool
+) -> dict[str, Any]:
+    """Run the full-mask variant (own process: a clean Ray) and compare per site."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    sub = out / "full-masks"
+    sub.mkdir(parents=True, exist_ok=True)
+    cfg = sub / "scenario.yaml"
+    cfg.write_text(yaml.safe_dump(json.loads(full_mask_variant(scenario).model_dump_json())),
+                   encoding="utf-8")
+    cmd = [sys.executable, "-m", "simulations.cli"] + (["-v"] if verbose else []) + [
+        "simulate", "--config", str(cfg), "--out", str(sub), "--dp", "on" if dp else "off"]
+    logger.info("--compare: the same scenario with full masks -> %s", sub)
+    subprocess.run(cmd, check=True)
+    full = json.loads((sub / "summary.json").read_text(encoding="utf-8"))
+    weak_sites = [
+        s.id for s in scenario.sites
+        if isinstance(s, SyntheticSiteSpec) and s.label_regime != LabelRegime.MASK
+    ]
+    ratios = {}
+    for sid in weak_sites:
+        w = summary["federated"]["per_site"].get(sid, {}).get("dice")
+        f = full["federated"]["per_site"].get(sid, {}).get("dice")
+        ratios[sid] = (w / f) if w is not None and f else None
+    valid = [r for r in ratios.values() if r is not None]
+    return {
+        "full_masks": {"dice_mean": full["federated"]["dice_mean"],
+                       "per_site": full["federated"]["per_site"]},
+        "weak_sites": weak_sites,
+        "weak_over_full": ratios,
+        "weak_over_full_mean": (sum(valid) / len(valid)) if valid else None,
+    }
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -189,5 +242,12 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(
             f"federated / pooled Dice = {summary['federated']['dice_mean'] / summary['pooled']['dice_mean']:.3f}"
         )
+    cmp = summary.get("compare")
+    if cmp:
+        for sid, r in cmp["weak_over_full"].items():
+            full = cmp["full_masks"]["per_site"].get(sid, {}).get("dice")
+            lines.append(f"{sid}: weak-label Dice / full-mask Dice = "
+                         f"{'-' if r is None else f'{r:.3f}'} (full masks: "
+                         f"{'-' if full is None else f'{full:.4f}'})")
     lines.append(f"wall time {summary['wall_seconds']:.1f} s")
     return "\n".join(lines)

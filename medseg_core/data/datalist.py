@@ -340,6 +340,13 @@ def _parse_datalist(
             fields = _parse_entry(entry, split, index, problems)
             if fields is None:
                 continue
+            if labels and fields["class"] is not None and fields["class"] not in labels:
+                problems.append(_EntryProblem(
+                    f"{split}[{index}]",
+                    f'"class" {fields["class"]} is not a declared label {sorted(labels)} '
+                    f'({labels}); use one of the keys of "labels" or declare it there',
+                ))
+                continue
             base_id = case_id_from_path(fields["image"].rstrip("/\\"))
             count = seen_ids.get(base_id, 0) + 1
             seen_ids[base_id] = count

@@ -30,6 +30,7 @@ from torch import nn
 
 from medseg_core.adaptation.layers import AdaptedSegmenter
 from medseg_core.errors import ConfigError
+from medseg_core.models.heads import CamSegmenter, bottleneck_of
 
 if TYPE_CHECKING:
     from medseg_core.config import ModelConfig
@@ -195,6 +196,10 @@ def build_model(cfg: ModelConfig, *, in_channels: int, out_channels: int) -> nn.
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{arg} must be a positive int, got {value!r}")
     model = builder(cfg, in_channels=in_channels, out_channels=out_channels)
+    if cfg.weak_head == "cam":
+        # CAM head on the encoder bottleneck (weak image-level supervision).
+        neck, width = bottleneck_of(model, cfg)
+        model = CamSegmenter(model, bottleneck=neck, channels=width)
     if cfg.adaptation in ("adapter", "norm+adapter"):
         # Site-private input adapter (medseg_core.adaptation): identity at init.
         model = AdaptedSegmenter(model, in_channels=in_channels)

@@ -143,11 +143,14 @@ def _proximal_step(
             p.sub_(p - ref, alpha=lr * mu)
 
 
-def _batch_pair(batch: Any) -> tuple[Tensor, Tensor]:
+def _batch_pair(batch: Any) -> tuple[Tensor, Any]:
     if isinstance(batch, list | tuple) and len(batch) == 2:
         return batch[0], batch[1]
+    if isinstance(batch, list | tuple) and len(batch) == 3:  # (images, labels, classes)
+        return batch[0], (batch[1], batch[2])
     raise ConfigError(
-        f"the training loader must yield (images, labels) pairs, got {type(batch).__name__}"
+        "the training loader must yield (images, labels) or (images, labels, classes), got "
+        f"{type(batch).__name__}"
         f"{f' of length {len(batch)}' if isinstance(batch, list | tuple) else ''}"
     )
 
@@ -170,7 +173,9 @@ def train_epochs(
         Plain module or Opacus wrapper; returns logits ``(B, K, H, W)``.
     loader
         Yields ``(images, labels)``: ``(B, C, H, W)`` float32 and
-        ``(B, 1, H, W)`` int64. ``B`` may be 0 (Poisson sampling).
+        ``(B, 1, H, W)`` int64, or ``(images, labels, classes)`` with
+        ``(B,)`` int64 image labels (weak supervision; the loss then receives
+        ``(labels, classes)``). ``B`` may be 0 (Poisson sampling).
     optimizer
         Plain or DP optimizer over ``model``'s parameters.
     loss_fn

@@ -18,13 +18,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from medseg_core.config import DataConfig, ModelConfig
-from medseg_core.data.slices import SliceSet
+from medseg_core.data.slices import IGNORE_LABEL, SliceSet
 from medseg_core.losses import build_loss
 from medseg_core.metrics import SegMetrics, evaluate_segmentation
 from medseg_core.models.registry import build_model
 from medseg_core.privacy.budget import RoundPrivacyPlan
 from medseg_core.privacy.engine import exported_state, make_private
 from medseg_core.training.loop import make_optimizer, train_epochs
+from medseg_core.weak import WeakSegLoss, WeakSettings
 
 __all__ = [
     "FitResult",
@@ -65,23 +66,26 @@ class FitResult:
     seconds: float
 
 
-class _FlipDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """Tensor pairs with random flips (image and mask flipped together)."""
+class _FlipDataset(Dataset[tuple[torch.Tensor, ...]]):
+    """Tensor pairs (or triples with image-level classes) with random flips
+    (image and mask flipped together)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, augment: bool) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, augment: bool,
+                 classes: torch.Tensor | None = None) -> None:
         self.images, self.labels, self.augment = images, labels, augment
+        self.classes = classes
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         x, y = self.images[i], self.labels[i]
         if self.augment:
             if torch.rand(()) < 0.5:
                 x, y = x.flip(-1), y.flip(-1)
             if torch.rand(()) < 0.5:
                 x, y = x.flip(-2), y.flip(-2)
-        return x, y
+        return (x, y) if self.classes is None else (x, y, self.classes[i])
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -130,6 +134,7 @@ def fit(
     privacy: RoundPrivacyPlan | None,
     accountant: object | None = None,
     secure_mode: bool = False,
+    weak: WeakSettings | None = None,
 ) -> FitResult:
     """Train ``model`` on ``train`` for ``settings.epochs`` epochs.
 
@@ -144,13 +149,16 @@ def fit(
     accountant
         The site's restored Opacus accountant (required with ``privacy``);
         it records this session's steps, so epsilon composes across rounds.
+    weak
+        Joint mask + image-level training (:mod:`medseg_core.weak`); the
+        model needs a CAM head. Slices without masks use their ``classes``.
 
     Returns
     -------
     FitResult
         Exported (unwrapped) weights as numpy arrays and training statistics.
     """
-    if train.labels is None:
+    if train.labels is None and weak is None:
         raise ValueError("fit() needs labelled slices; this SliceSet has no masks")
     torch.manual_seed(settings.seed)
     anchor = (
@@ -158,12 +166,15 @@ def fit(
         if settings.proximal_mu > 0
         else None
     )
-    dataset = _FlipDataset(train.images, train.labels, augment=settings.augment)
+    labels = train.labels if train.labels is not None else torch.full(
+        (len(train), 1, *train.images.shape[-2:]), IGNORE_LABEL, dtype=torch.int64)
+    dataset = _FlipDataset(train.images, labels, augment=settings.augment,
+                           classes=train.classes if weak is not None else None)
     loader: DataLoader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True)
     optimizer = make_optimizer(
         model, settings.optimizer, settings.lr, momentum=settings.momentum  # type: ignore[arg-type]
     )
-    loss_fn = build_loss(num_classes)
+    loss_fn = build_loss(num_classes) if weak is None else WeakSegLoss(model, weak)
     trained: nn.Module = model
     t0 = time.perf_counter()
     if privacy is not None:

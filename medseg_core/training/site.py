@@ -30,11 +30,12 @@ import torch
 
 from medseg_core.adaptation import AdaptationStore, check_shared_only, local_keys, merge_state, split_state
 from medseg_core.adaptation.tta import TTAResult, adapt_unlabeled
-from medseg_core.config import DataConfig, ModelConfig, SiteConfig
+from medseg_core.config import DataConfig, LabelRegime, ModelConfig, SiteConfig
 from medseg_core.data.integrity import require_valid_site
 from medseg_core.data.slices import SliceSet, load_slices, split_cases
-from medseg_core.metrics import SegMetrics
+from medseg_core.metrics import SegMetrics, case_scores, roc_auc
 from medseg_core.errors import DataIntegrityError, PrivacyBudgetExceeded
+from medseg_core.weak import WeakSettings
 from medseg_core.privacy.accountant import (
     epsilon_of,
     load_accountant,
@@ -52,7 +53,7 @@ from medseg_core.training.session import (
     steps_per_epoch,
 )
 
-__all__ = ["RoundOutcome", "RoundRequest", "SiteSession"]
+__all__ = ["RoundOutcome", "RoundRequest", "SiteEval", "SiteSession"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,27 @@ class RoundRequest:
     proximal_mu: float = 0.0
     run_name: str = ""
     min_component_voxels: int = 0
+
+
+@dataclass(frozen=True)
+class SiteEval:
+    """A site's evaluation: Dice/HD95 over its cases with masks (None if it
+    has none), the number of slices they cover, and the image-level AUC
+    (None unless both classes occur)."""
+
+    dice: float | None
+    hd95: float | None
+    n_dice: int
+    auc: float | None = None
+
+
+def _cases_with_masks(data: SliceSet) -> SliceSet | None:
+    """The cases of ``data`` that have masks, or None."""
+    if data.labels is None:
+        return None
+    has = data.has_mask
+    keep = sorted({int(c) for c in data.case_index[has].tolist()})
+    return data.subset(keep) if keep else None
 
 
 @dataclass(frozen=True)
@@ -114,21 +136,79 @@ class SiteSession:
         self.site.state_dir.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ data
+    @property
+    def weak(self) -> bool:
+        """Whether the federation's model trains image-level cases (CAM head)."""
+        return self.model_cfg.weak_head == "cam"
+
+    def _training_cases(self) -> list:
+        """The training cases this site can learn from, by the model's head.
+
+        Raises
+        ------
+        DataIntegrityError
+            No usable case, or MIL bags (not trainable yet), each with the fix.
+        """
+        cases = self.datalist.split("training")
+        bags = [c.case_id for c in cases if c.bag is not None and c.label is None]
+        if bags and self.weak:
+            raise DataIntegrityError(
+                f"site {self.site.id!r}: {len(bags)} training case(s) carry only a MIL 'bag' "
+                f"(e.g. {bags[:3]}); MIL bag training is not available yet. Fix: give those "
+                "cases an image-level 'class' of their own, or leave this site out"
+            )
+        masked = [c for c in cases if c.label is not None]
+        if not self.weak:
+            if not masked:
+                raise DataIntegrityError(
+                    f"site {self.site.id!r} has no training case with a mask "
+                    f"(label_regime={self.site.label_regime.value!r}); mask-supervised training "
+                    "needs at least one 'label' in dataset.json 'training'. For image-level "
+                    "labels set model.weak_head: cam in the scenario"
+                )
+            return masked
+        if self.site.label_regime == LabelRegime.IMAGE:
+            lacking = [c.case_id for c in cases if c.label is None and c.cls is None]
+            if lacking:
+                raise DataIntegrityError(
+                    f"site {self.site.id!r} declares label_regime 'image' but {len(lacking)} "
+                    f"training case(s) have neither a 'class' nor a 'label': {lacking[:10]}"
+                    f"{' ...' if len(lacking) > 10 else ''}. Fix: add \"class\": 0 or 1 to each "
+                    "in dataset.json, or declare label_regime 'mixed' if they are meant to be unlabeled"
+                )
+        usable = [c for c in cases if c.label is not None or c.cls is not None]
+        unlabeled = len(cases) - len(usable)
+        if unlabeled:
+            logger.info("site %s: %d unlabeled training case(s) are not used for training",
+                        self.site.id, unlabeled)
+        if not usable:
+            raise DataIntegrityError(
+                f"site {self.site.id!r} has no training case with a mask or an image-level "
+                f"'class' ({len(cases)} unlabeled case(s)); weak training needs at least one"
+            )
+        return usable
+
     @cached_property
     def _train_val(self) -> tuple[SliceSet, SliceSet | None]:
-        cases = self.datalist.split("training")
-        labelled = [c for c in cases if c.label is not None]
-        if not labelled:
-            raise DataIntegrityError(
-                f"site {self.site.id!r} has no training case with a mask "
-                f"(label_regime={self.site.label_regime.value!r}); mask-supervised training "
-                "needs at least one 'label' in dataset.json 'training'"
-            )
+        cases = self._training_cases()
         all_slices = load_slices(
-            labelled, image_size=self.data_cfg.image_size,
-            context_slices=self.data_cfg.context_slices,
+            cases, image_size=self.data_cfg.image_size,
+            context_slices=self.data_cfg.context_slices, require_labels=not self.weak,
         )
+        if self.weak:
+            per_case = torch.bincount(all_slices.case_index, minlength=len(cases))
+            vol_pos = [c.case_id for i, c in enumerate(cases)
+                       if c.label is None and c.cls == 1 and int(per_case[i]) > 1]
+            if vol_pos:
+                raise DataIntegrityError(
+                    f"site {self.site.id!r}: {len(vol_pos)} positive 3D volume(s) with only an "
+                    f"image-level 'class' (e.g. {vol_pos[:3]}): a volume's label does not say "
+                    "which slices hold the lesion, so it is a MIL bag of slices, which is not "
+                    "trainable yet. Fix: give those volumes masks, or leave this site out"
+                )
         tr, va = split_cases(len(all_slices.case_ids), self.site.val_fraction, self.site.seed)
+        # Validation Dice needs masks: only validation cases with one count.
+        va = [p for p in va if cases[p].label is not None]
         return all_slices.subset(tr), (all_slices.subset(va) if va else None)
 
     @property
@@ -143,10 +223,11 @@ class SiteSession:
 
     @cached_property
     def test_set(self) -> SliceSet:
-        """The site's test split (held out; masks required)."""
+        """The site's test split (held out). Cases may lack masks: they are
+        then scored by image-level AUC only (:meth:`evaluate`)."""
         return load_slices(
             self.datalist.split("test"), image_size=self.data_cfg.image_size,
-            context_slices=self.data_cfg.context_slices,
+            context_slices=self.data_cfg.context_slices, require_labels=False,
         )
 
     # ------------------------------------------------------------ adaptation
@@ -290,6 +371,7 @@ class SiteSession:
         result = fit(
             model, self.train_set, settings, num_classes=self.data_cfg.num_classes,
             privacy=plan, accountant=accountant, secure_mode=self.site.secure_mode,
+            weak=WeakSettings() if self.weak else None,
         )
         shared = self.export_shared(result.state)
         if self.local_keys:
@@ -337,15 +419,35 @@ class SiteSession:
     def evaluate(
         self, state: Mapping[str, np.ndarray], split: str, *, min_component_voxels: int = 0,
         run_name: str = "", model_round: int = 0,
-    ) -> SegMetrics:
+    ) -> SiteEval:
         """Metrics of the global ``state`` (of round ``model_round``) on the
         site's ``"val"`` or ``"test"`` split, with the site's private
-        adaptation parameters of that round merged in."""
+        adaptation parameters of that round merged in.
+
+        Dice/HD95 are computed on the cases with masks; the image-level AUC
+        (test split) on the cases with a known ``class``, scored by the
+        maximum foreground probability over the case.
+        """
         data = self.split_set(split)
         model = build_segmenter(self.model_cfg, self.data_cfg)
-        return evaluate_state(
-            model, self.full_state(state, run_name, model_round), data, num_classes=self.data_cfg.num_classes,
-            min_component_voxels=min_component_voxels,
+        load_state(model, self.full_state(state, run_name, model_round))
+        masked = _cases_with_masks(data)
+        seg = None
+        if masked is not None:
+            seg = evaluate_state(model, None, masked, num_classes=self.data_cfg.num_classes,
+                                 min_component_voxels=min_component_voxels)
+        auc = float("nan")
+        if split == "test" and len(data):
+            case_cls = torch.full((len(data.case_ids),), -1, dtype=torch.int64).scatter_reduce(
+                0, data.case_index, data.classes, reduce="amax", include_self=False)
+            known = case_cls >= 0
+            if bool(known.any()):
+                scores = case_scores(model, data.images, data.case_index)
+                auc = roc_auc(scores[known], case_cls[known])
+        return SiteEval(
+            dice=None if seg is None else float(seg.dice),
+            hd95=None if seg is None or not np.isfinite(seg.hd95) else float(seg.hd95),
+            n_dice=0 if masked is None else len(masked), auc=None if np.isnan(auc) else auc,
         )
 
     def _append_ledger(

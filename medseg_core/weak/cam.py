@@ -1,0 +1,159 @@
+"""Joint mask + image-level training with CAM pseudo-masks.
+
+Per sample, in one batch (every term depends on that sample only, so the
+batch loss is a mean of per-sample losses, as DP-SGD requires):
+
+* a case **with a mask**: Dice + cross-entropy (the spine's loss);
+* every case **with an image-level class** (masks included): binary
+  cross-entropy of the CAM head's image logit (global average of the CAM,
+  :class:`medseg_core.models.heads.CamSegmenter`);
+* an image-level **negative**: its mask is known exactly (all background):
+  cross-entropy against background, and the MIL constraint below;
+* an image-level **positive**: cross-entropy against a refined CAM
+  pseudo-mask on the pixels the pseudo-mask is sure of, and the MIL
+  constraint.
+
+MIL constraint (pixels as instances, the image as the bag; Pathak et al.
+2015, "Fully Convolutional Multi-Class Multiple Instance Learning", ICLR
+workshop): a log-sum-exp (smooth max, Pinheiro & Collobert 2015, CVPR) of
+the decoder's foreground-vs-background logit must say "lesion somewhere" for
+positives and "nowhere" for negatives.
+
+Refinement of the CAM into a pseudo-mask (:func:`pseudo_masks`). The CAM is
+computed at the bottleneck (1/8 of the image side): it finds the lesion but
+its outline is a blob. The decoder is sharp but, on a site whose scanner it
+has not learned, may fire on the wrong structures. A pixel is taken as
+foreground only where both agree (CAM above an adaptive, per-image threshold
+``tau_fg * max(CAM)`` and decoder probability above 0.5), and as background
+where the CAM is clearly low (``< tau_bg * max(CAM)``); everything else is
+ignored. (:func:`pseudo_masks` can also average the CAM over the image and
+its horizontal flip; the training loss uses the single CAM of the forward
+pass it already has, so no extra forward pass is spent.) The adaptive threshold follows the usual CAM practice (Zhou et
+al. 2016 used 20 % of the max for boxes); agreement with the decoder is a
+co-training style check between two views of the same network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+from torch import Tensor, nn
+
+from medseg_core.data.slices import IGNORE_LABEL
+from medseg_core.models.heads import last_cam
+
+__all__ = ["WeakSegLoss", "WeakSettings", "pseudo_masks"]
+
+
+@dataclass(frozen=True)
+class WeakSettings:
+    """Weights and thresholds of the weak loss."""
+
+    cam_weight: float = 1.0
+    weak_weight: float = 1.0
+    mil_weight: float = 0.5
+    tau_fg: float = 0.5
+    tau_bg: float = 0.2
+    lse_r: float = 5.0
+
+
+@torch.no_grad()
+def pseudo_masks(
+    cam: Tensor, cam_flipped: Tensor | None, seg_logits: Tensor, *, tau_fg: float, tau_bg: float
+) -> Tensor:
+    """Refined pseudo-masks of positive images.
+
+    Parameters
+    ----------
+    cam
+        ``(B, 1, h, w)`` CAM logits of the images.
+    cam_flipped
+        CAM of the horizontally flipped images (flipped back inside), or None.
+    seg_logits
+        ``(B, K, H, W)`` decoder logits.
+
+    Returns
+    -------
+    Tensor
+        ``(B, 1, H, W)`` int64: 1 foreground, 0 background,
+        :data:`IGNORE_LABEL` unsure.
+    """
+    c = F.relu(cam)
+    if cam_flipped is not None:
+        c = 0.5 * (c + F.relu(cam_flipped.flip(-1)))
+    c = F.interpolate(c, size=seg_logits.shape[-2:], mode="bilinear", align_corners=False)
+    rel = c / c.flatten(1).amax(dim=1).clamp_min(1e-6)[:, None, None, None]
+    p_fg = seg_logits.softmax(dim=1)[:, 1:].sum(dim=1, keepdim=True)
+    out = torch.full_like(rel, IGNORE_LABEL, dtype=torch.int64)
+    out[rel < tau_bg] = 0
+    out[(rel >= tau_fg) & (p_fg >= 0.5)] = 1
+    return out
+
+
+class WeakSegLoss(nn.Module):
+    """Mean over the batch of the per-sample terms in the module docstring.
+
+    Parameters
+    ----------
+    model
+        The (plain) model being trained; it must have a CAM head. Its
+        ``last_cam`` is read after each forward pass.
+    settings
+        Weights and thresholds.
+
+    Notes
+    -----
+    ``forward(logits, (labels, classes))``: ``labels`` ``(B, 1, H, W)``
+    int64 with :data:`IGNORE_LABEL` for cases without a mask; ``classes``
+    ``(B,)`` int64 image label, -1 unknown. Only binary segmentation
+    (background + one foreground class) is supported for image-level cases.
+    """
+
+    def __init__(self, model: nn.Module, settings: WeakSettings | None = None) -> None:
+        super().__init__()
+        self.model = [model]  # a list: not registered as a submodule
+        self.s = settings or WeakSettings()
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, batch=False, reduction="none")
+
+    def forward(self, logits: Tensor, target: tuple[Tensor, Tensor]) -> Tensor:  # noqa: D102
+        labels, classes = target
+        cam = last_cam(self.model[0])
+        if cam is None:
+            raise ValueError("WeakSegLoss needs a model with a CAM head (model.weak_head: cam)")
+        b = logits.shape[0]
+        has_mask = (labels[:, 0, 0, 0] != IGNORE_LABEL).to(logits.dtype)
+        known = (classes >= 0).to(logits.dtype)
+        pos = ((classes == 1) & (has_mask == 0)).to(logits.dtype)
+        neg = ((classes == 0) & (has_mask == 0)).to(logits.dtype)
+
+        safe = labels.clamp_min(0)
+        dice = self.dice(logits, safe).flatten(1).mean(dim=1)
+        ce = F.cross_entropy(logits, safe[:, 0], reduction="none").flatten(1).mean(dim=1)
+        seg = (dice + ce) * has_mask
+
+        img_logit = cam.flatten(1).mean(dim=1)
+        cam_loss = F.binary_cross_entropy_with_logits(
+            img_logit, classes.clamp_min(0).to(logits.dtype), reduction="none") * known
+
+        margin = logits[:, 1:].logsumexp(dim=1) - logits[:, 0]  # (B, H, W) fg-vs-bg logit
+        r = self.s.lse_r
+        lse = (torch.logsumexp(r * margin.flatten(1), dim=1)
+               - torch.log(torch.tensor(float(margin[0].numel())))) / r
+        mil = F.binary_cross_entropy_with_logits(lse, pos, reduction="none") * (pos + neg)
+
+        bg_ce = F.cross_entropy(logits, torch.zeros_like(safe[:, 0]), reduction="none")
+        bg_ce = bg_ce.flatten(1).mean(dim=1) * neg
+        weak = bg_ce
+        if bool(pos.any()):
+            pseudo = pseudo_masks(cam.detach(), None, logits.detach(),
+                                  tau_fg=self.s.tau_fg, tau_bg=self.s.tau_bg)
+            sure = (pseudo != IGNORE_LABEL)[:, 0].to(logits.dtype)
+            pce = F.cross_entropy(logits, pseudo[:, 0].clamp_min(0), reduction="none")
+            pce = (pce * sure).flatten(1).sum(dim=1) / sure.flatten(1).sum(dim=1).clamp_min(1.0)
+            weak = weak + pce * pos
+        total = (seg + self.s.cam_weight * cam_loss + self.s.weak_weight * weak
+                 + self.s.mil_weight * mil)
+        return total.sum() / b

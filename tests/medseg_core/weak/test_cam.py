@@ -1,0 +1,165 @@
+"""Weak (image-level) supervision: CAM head, pseudo-masks, joint loss, site data rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+
+from medseg_core.config import DataConfig, ModelConfig, ScenarioConfig, parse_model
+from medseg_core.data.slices import IGNORE_LABEL
+from medseg_core.errors import DataIntegrityError
+from medseg_core.sites import materialise_site
+from medseg_core.training.session import build_segmenter
+from medseg_core.training.site import RoundRequest, SiteSession
+from medseg_core.weak import WeakSegLoss, WeakSettings, pseudo_masks
+
+
+def _model(weak_head: str = "cam", name: str = "unet") -> torch.nn.Module:
+    cfg = parse_model(ModelConfig, {"name": name, "channels": [8, 16, 32], "strides": [2, 2],
+                                    "norm_groups": 4, "weak_head": weak_head})
+    return build_segmenter(cfg, DataConfig(image_size=32))
+
+
+@pytest.mark.parametrize("name", ["unet", "basicunet"])
+def test_cam_head_models_are_dp_compatible(name: str) -> None:
+    model = _model(name=name)
+    ModuleValidator.validate(model, strict=True)
+    assert {"cam_head.weight", "cam_head.bias"} <= set(model.state_dict())
+
+
+def test_weak_loss_is_a_mean_of_per_sample_terms() -> None:
+    """DP-SGD clips per sample: the batch loss must not couple samples."""
+    torch.manual_seed(0)
+    model = _model()
+    loss_fn = WeakSegLoss(model, WeakSettings())
+    x = torch.randn(4, 1, 32, 32)
+    labels = torch.full((4, 1, 32, 32), IGNORE_LABEL, dtype=torch.int64)
+    labels[0] = 0
+    labels[0, 0, 10:20, 10:20] = 1  # one case with a mask
+    classes = torch.tensor([1, 1, 0, -1])  # mask case, positive, negative, unlabeled
+    batch = loss_fn(model(x), (labels, classes))
+    singles = [loss_fn(model(x[i:i + 1]), (labels[i:i + 1], classes[i:i + 1])) for i in range(4)]
+    assert float(batch) == pytest.approx(float(torch.stack(singles).mean()), rel=1e-5)
+    assert float(singles[3]) == 0.0  # an unlabeled case contributes nothing (FixMatch is off)
+    assert all(float(s) > 0 for s in singles[:3])
+
+
+def test_weak_loss_needs_a_cam_head() -> None:
+    model = _model("none")
+    with pytest.raises(ValueError, match="weak_head: cam"):
+        WeakSegLoss(model)(model(torch.randn(1, 1, 32, 32)),
+                           (torch.zeros(1, 1, 32, 32, dtype=torch.int64), torch.tensor([1])))
+
+
+def test_pseudo_mask_keeps_only_pixels_both_heads_agree_on() -> None:
+    cam = torch.zeros(1, 1, 4, 4)
+    cam[0, 0, 1:3, 1:3] = 4.0  # CAM fires in the centre
+    seg = torch.zeros(1, 2, 8, 8)
+    seg[0, 0] = 2.0  # decoder says background by default
+    seg[0, 1, 2:6, 2:4] = 5.0  # decoder fires on the centre-left only
+    seg[0, 1, 0, 0] = 5.0  # ... and on a corner the CAM does not support
+    pm = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2)
+    assert pm.shape == (1, 1, 8, 8)
+    assert int(pm[0, 0, 3, 3]) == 1  # both agree
+    assert int(pm[0, 0, 0, 0]) == 0  # CAM clearly low: background despite the decoder
+    assert int(pm[0, 0, 3, 5]) == IGNORE_LABEL  # CAM high, decoder unsure: ignored
+    flipped = pseudo_masks(cam, cam.flip(-1), seg, tau_fg=0.5, tau_bg=0.2)
+    assert torch.equal(flipped, pm)  # a flip-symmetric CAM is unchanged by the consistency step
+
+
+def _site(tmp_path: Path, *, weak_head: str = "cam", **spec) -> SiteSession:
+    scenario = parse_model(ScenarioConfig, {
+        "sites": [{"id": "s", "n_train": 10, "n_test": 4, **spec}],
+        "model": {"channels": [8, 16], "strides": [2], "norm_groups": 4, "weak_head": weak_head},
+        "data": {"image_size": 32, "val_fraction": 0.3}, "privacy": {"epsilon": 8.0}})
+    site = materialise_site(scenario.sites[0], scenario, tmp_path)
+    return SiteSession(site, model_cfg=scenario.model, data_cfg=scenario.data)
+
+
+def test_image_level_site_trains_under_dp_and_reports_auc(tmp_path: Path) -> None:
+    from server.federation import initial_state
+
+    sess = _site(tmp_path, label_regime="image", lesion_prevalence=0.5)
+    assert sess.train_set.labels is None  # no mask reached training
+    assert sess.val_set is None  # no validation case has a mask to score
+    assert set(sess.train_set.classes.tolist()) == {0, 1}
+    scenario_model = sess.model_cfg
+    glob = {k: v.detach().numpy() for k, v in build_segmenter(scenario_model, sess.data_cfg)
+            .state_dict().items()}
+    out = sess.train_round(glob, RoundRequest(server_round=1, total_rounds=2, local_epochs=1,
+                                              lr=0.05, batch_size=4, optimizer="sgd"))
+    assert np.isfinite(out.fit.loss) and out.epsilon is not None and 0 < out.epsilon <= 8.0
+    res = sess.evaluate(out.shared, "test")
+    assert res.dice is not None and res.n_dice > 0  # synthetic test cases keep masks
+    assert res.auc is not None and 0.0 <= res.auc <= 1.0
+    val = sess.evaluate(out.shared, "val")  # falls back to training cases: none has a mask
+    assert val.dice is None and val.n_dice == 0
+    del initial_state
+
+
+def test_image_level_site_without_cam_head_says_how_to_fix(tmp_path: Path) -> None:
+    sess = _site(tmp_path, weak_head="none", label_regime="image")
+    with pytest.raises(DataIntegrityError, match="weak_head: cam"):
+        _ = sess.train_set
+
+
+def _rewrite(sess: SiteSession, edit) -> SiteSession:
+    path = sess.site.data_dir / "dataset.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return SiteSession(sess.site, model_cfg=sess.model_cfg, data_cfg=sess.data_cfg)
+
+
+def test_image_regime_cases_lacking_class_are_named(tmp_path: Path) -> None:
+    sess = _site(tmp_path, label_regime="image")
+
+    def drop(data: dict) -> None:
+        for e in data["training"][:2]:
+            e.pop("class")
+
+    sess = _rewrite(sess, drop)
+    with pytest.raises(DataIntegrityError, match=r"declares label_regime 'image'.*case_000.*case_001"):
+        _ = sess.train_set
+
+
+def test_class_outside_declared_labels_is_refused(tmp_path: Path) -> None:
+    sess = _site(tmp_path, label_regime="image")
+
+    def bad(data: dict) -> None:
+        data["training"][3]["class"] = 7
+
+    with pytest.raises(DataIntegrityError, match=r"training\[3\].*\"class\" 7 is not a declared label"):
+        _rewrite(sess, bad)
+
+
+def test_site_with_only_unlabeled_data_is_refused(tmp_path: Path) -> None:
+    sess = _site(tmp_path, label_regime="image")
+
+    def strip(data: dict) -> None:
+        data["label_regime"] = "mixed"
+        for e in data["training"]:
+            e.pop("class", None)
+            e.pop("label", None)
+
+    sess = _rewrite(sess, strip)
+    sess.site = sess.site.model_copy(update={"label_regime": "mixed"})
+    with pytest.raises(DataIntegrityError, match="no training case with a mask or an image-level"):
+        _ = sess.train_set
+
+
+def test_positive_volume_with_only_a_class_is_a_bag_not_an_image(tmp_path: Path) -> None:
+    sess = _site(tmp_path, label_regime="image", dims=3, depth=4, n_train=4)
+    with pytest.raises(DataIntegrityError, match="MIL bag of slices"):
+        _ = sess.train_set
+
+
+def test_mil_bags_are_refused_until_mil_training_exists(tmp_path: Path) -> None:
+    sess = _site(tmp_path, label_regime="bag")
+    with pytest.raises(DataIntegrityError, match="MIL bag training is not available yet"):
+        _ = sess.train_set
