@@ -114,6 +114,9 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
             return _error_reply(msg, keys.ERR_SITE_CONFIG, exc)
         except AdaptationLeakError as exc:
             return _error_reply(msg, keys.ERR_ADAPTATION_LEAK, exc)
+        except Exception as exc:  # noqa: BLE001 - the server must learn why, not just that
+            logger.exception("training failed")
+            return _error_reply(msg, keys.ERR_CLIENT_FAILURE, exc)
 
         metrics = MetricRecord({
             keys.NUM_EXAMPLES: outcome.n_train,
@@ -169,6 +172,9 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
             return _error_reply(msg, keys.ERR_DATA_INTEGRITY, exc)
         except (ConfigError, AdaptationLeakError) as exc:
             return _error_reply(msg, keys.ERR_SITE_CONFIG, exc)
+        except Exception as exc:  # noqa: BLE001
+            logger.exception("evaluation failed")
+            return _error_reply(msg, keys.ERR_CLIENT_FAILURE, exc)
         # A site without masks on this split reports num-examples 0: its Dice
         # carries no weight (the key set stays the same for every site).
         content = RecordDict({

@@ -114,6 +114,7 @@ class ModelConfig(_Strict):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     adaptation: AdaptationMode = AdaptationMode.NONE
     weak_head: Literal["none", "cam"] = "none"  # CAM head for image-level labels
+    mil_pooling: Literal["none", "attention", "max"] = "none"  # MIL bag head (implies the CAM head)
 
     @field_validator("name")
     @classmethod

@@ -45,6 +45,7 @@ ACCOUNTANT = "accountant"
 DP_ENABLED = "dp-enabled"
 
 # Error codes carried in Flower error replies (Error.code)
+ERR_CLIENT_FAILURE = 4000  # an unexpected exception at the site (reason = type and message)
 ERR_BUDGET_EXHAUSTED = 4001
 ERR_DATA_INTEGRITY = 4002
 ERR_SITE_CONFIG = 4003

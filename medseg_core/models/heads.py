@@ -24,7 +24,7 @@ from torch import nn
 if TYPE_CHECKING:
     from medseg_core.config import ModelConfig
 
-__all__ = ["CamSegmenter", "bottleneck_of", "last_cam"]
+__all__ = ["CamSegmenter", "MilHead", "bottleneck_of", "cam_segmenter", "last_cam"]
 
 
 def bottleneck_of(net: nn.Module, cfg: ModelConfig) -> tuple[nn.Module, int]:
@@ -55,11 +55,14 @@ class CamSegmenter(nn.Module):
     :attr:`last_cam`.
     """
 
-    def __init__(self, net: nn.Module, *, bottleneck: nn.Module, channels: int) -> None:
+    def __init__(self, net: nn.Module, *, bottleneck: nn.Module, channels: int,
+                 mil_pooling: str = "none") -> None:
         super().__init__()
         self.net = net
         self.cam_head = nn.Conv2d(channels, 1, kernel_size=1)
+        self.mil_head = MilHead(channels, pooling=mil_pooling) if mil_pooling != "none" else None
         self.last_cam: torch.Tensor | None = None
+        self.last_features: torch.Tensor | None = None
         self._features: torch.Tensor | None = None
         bottleneck.register_forward_hook(self._keep)
 
@@ -71,14 +74,69 @@ class CamSegmenter(nn.Module):
         if self._features is None:  # pragma: no cover - the hook always fires
             raise RuntimeError("the bottleneck hook did not fire")
         self.last_cam = self.cam_head(self._features)
-        self._features = None
+        self.last_features, self._features = self._features, None
         return seg
 
 
-def last_cam(model: nn.Module) -> torch.Tensor | None:
-    """The CAM of the last forward pass of ``model`` (plain, adapted or
-    Opacus-wrapped), or None if it has no CAM head."""
+def cam_segmenter(model: nn.Module) -> CamSegmenter | None:
+    """The :class:`CamSegmenter` inside ``model`` (plain, adapted or
+    Opacus-wrapped), or None."""
     for m in model.modules():
         if isinstance(m, CamSegmenter):
-            return m.last_cam
+            return m
     return None
+
+
+def last_cam(model: nn.Module) -> torch.Tensor | None:
+    """The CAM of the last forward pass of ``model``, or None if it has no CAM head."""
+    m = cam_segmenter(model)
+    return None if m is None else m.last_cam
+
+
+class MilHead(nn.Module):
+    """Bag classifier over instance embeddings (multiple-instance learning).
+
+    ``pooling="attention"``: gated attention pooling (Ilse, Tomczak & Welling
+    2018, "Attention-based Deep Multiple Instance Learning", ICML, eq. 9):
+    ``a_k = softmax_k(w^T (tanh(V h_k) * sigmoid(U h_k)))``, ``z = sum_k a_k h_k``,
+    bag logit ``= c^T z + b``. ``pooling="max"``: the baseline, bag logit
+    ``= max_k (c^T h_k + b)``.
+
+    Instances are rows of ``h``; a bag is ``K`` consecutive rows. Every layer
+    is a ``Linear`` applied row-wise, so Opacus computes per-row gradients
+    that :func:`medseg_core.weak.mil.fold_bag_grad_samples` sums per bag.
+    """
+
+    def __init__(self, channels: int, *, pooling: str = "attention", hidden: int = 32) -> None:
+        super().__init__()
+        if pooling not in ("attention", "max"):
+            raise ValueError(f"unknown MIL pooling {pooling!r}; valid: ['attention', 'max']")
+        self.pooling = pooling
+        self.classifier = nn.Linear(channels, 1)
+        if pooling == "attention":
+            self.att_v = nn.Linear(channels, hidden)
+            self.att_u = nn.Linear(channels, hidden)
+            self.att_w = nn.Linear(hidden, 1)
+
+    def forward(self, h: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bag logits ``(B,)`` and instance weights ``(B, K)`` (attention, or
+        a one-hot of the arg-max instance).
+
+        Parameters
+        ----------
+        h
+            ``(B * K, C)`` instance embeddings, bag-major.
+        valid
+            ``(B, K)`` bool: real instances (False: padding).
+        """
+        b, k = valid.shape
+        neg = torch.finfo(h.dtype).min
+        if self.pooling == "attention":
+            gate = torch.tanh(self.att_v(h)) * torch.sigmoid(self.att_u(h))
+            scores = self.att_w(gate).view(b, k).masked_fill(~valid, neg)
+            att = scores.softmax(dim=1)
+            z = (att.unsqueeze(-1) * h.view(b, k, -1)).sum(dim=1)
+            return self.classifier(z).squeeze(-1), att
+        inst = self.classifier(h).view(b, k).masked_fill(~valid, neg)
+        top = inst.argmax(dim=1)
+        return inst.amax(dim=1), torch.nn.functional.one_hot(top, k).to(h.dtype)

@@ -196,10 +196,10 @@ def build_model(cfg: ModelConfig, *, in_channels: int, out_channels: int) -> nn.
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{arg} must be a positive int, got {value!r}")
     model = builder(cfg, in_channels=in_channels, out_channels=out_channels)
-    if cfg.weak_head == "cam":
+    if cfg.weak_head == "cam" or cfg.mil_pooling != "none":
         # CAM head on the encoder bottleneck (weak image-level supervision).
         neck, width = bottleneck_of(model, cfg)
-        model = CamSegmenter(model, bottleneck=neck, channels=width)
+        model = CamSegmenter(model, bottleneck=neck, channels=width, mil_pooling=cfg.mil_pooling)
     if cfg.adaptation in ("adapter", "norm+adapter"):
         # Site-private input adapter (medseg_core.adaptation): identity at init.
         model = AdaptedSegmenter(model, in_channels=in_channels)

@@ -15,17 +15,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from medseg_core.config import DataConfig, ModelConfig
 from medseg_core.data.slices import IGNORE_LABEL, SliceSet
 from medseg_core.losses import build_loss
 from medseg_core.metrics import SegMetrics, evaluate_segmentation
+from medseg_core.models.heads import cam_segmenter
 from medseg_core.models.registry import build_model
 from medseg_core.privacy.budget import RoundPrivacyPlan
 from medseg_core.privacy.engine import exported_state, make_private
 from medseg_core.training.loop import make_optimizer, train_epochs
-from medseg_core.weak import WeakSegLoss, WeakSettings
+from medseg_core.weak import BagSet, MilLoss, WeakSegLoss, WeakSettings, fold_bag_grad_samples
 
 __all__ = [
     "FitResult",
@@ -34,6 +35,7 @@ __all__ = [
     "concat_slicesets",
     "evaluate_state",
     "fit",
+    "fit_bags",
     "load_state",
     "steps_per_epoch",
 ]
@@ -161,6 +163,7 @@ def fit(
     if train.labels is None and weak is None:
         raise ValueError("fit() needs labelled slices; this SliceSet has no masks")
     torch.manual_seed(settings.seed)
+    _freeze_unused_heads(model, cam_used=weak is not None, mil_used=False)
     anchor = (
         {k: v.detach().clone() for k, v in model.state_dict().items()}
         if settings.proximal_mu > 0
@@ -198,6 +201,89 @@ def fit(
     return FitResult(
         state=state, loss=res.loss, steps=res.steps, num_examples=res.num_examples,
         seconds=time.perf_counter() - t0,
+    )
+
+
+def _freeze_unused_heads(model: nn.Module, *, cam_used: bool, mil_used: bool) -> None:
+    """Heads this kind of training does not use get no gradient (Opacus needs
+    a per-sample gradient for every trainable parameter); their weights are
+    still exported unchanged."""
+    seg = cam_segmenter(model)
+    if seg is None:
+        return
+    seg.cam_head.requires_grad_(cam_used)
+    if seg.mil_head is not None:
+        seg.mil_head.requires_grad_(mil_used)
+
+
+def bag_batch_size(batch_size: int, bag_len: int) -> int:
+    """Bags per step: about ``batch_size`` instances (at least one bag)."""
+    return max(1, round(batch_size / max(1, bag_len)))
+
+
+def fit_bags(
+    model: nn.Module,
+    bags: BagSet,
+    settings: FitSettings,
+    *,
+    privacy: RoundPrivacyPlan | None,
+    accountant: object | None = None,
+    secure_mode: bool = False,
+    weak: WeakSettings | None = None,
+) -> FitResult:
+    """Train ``model`` (with a MIL head) on bag-labelled data for
+    ``settings.epochs`` epochs; a bag is one DP-SGD sample.
+
+    ``settings.batch_size`` counts instances; each step draws about
+    ``batch_size / K`` bags (:func:`bag_batch_size`). Under DP, per-row
+    gradients are folded into per-bag gradients before clipping
+    (:func:`medseg_core.weak.mil.fold_bag_grad_samples`).
+    """
+    torch.manual_seed(settings.seed)
+    _freeze_unused_heads(model, cam_used=True, mil_used=True)
+    k = int(bags.images.shape[1])
+    loader: DataLoader = DataLoader(
+        TensorDataset(bags.images, bags.valid, bags.labels),
+        batch_size=bag_batch_size(settings.batch_size, k), shuffle=True,
+    )
+    optimizer = make_optimizer(
+        model, settings.optimizer, settings.lr, momentum=settings.momentum  # type: ignore[arg-type]
+    )
+    loss_fn = MilLoss(model, weak)
+    trained: nn.Module = model
+    t0 = time.perf_counter()
+    if privacy is not None:
+        if accountant is None:
+            raise ValueError("fit_bags() with a privacy plan needs the site's accountant")
+        pt = make_private(
+            model, optimizer, loader, accountant=accountant,  # type: ignore[arg-type]
+            noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
+            secure_mode=secure_mode,
+        )
+        trained, optimizer, loader = pt.model, pt.optimizer, pt.loader
+    trained.train()
+    losses, steps, examples = [], 0, 0
+    for _ in range(settings.epochs):
+        for x, valid, y in loader:
+            b = int(x.shape[0])
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(trained(x.reshape(b * k, *x.shape[2:])), (valid, y))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"MIL training loss became {loss.item()} at step {steps + 1}; lower train.lr"
+                )
+            loss.backward()
+            if privacy is not None:
+                fold_bag_grad_samples(trained, b, k)
+            optimizer.step()
+            steps += 1
+            if b:
+                losses.append(float(loss.detach()))
+                examples += b
+    state = {k_: v.numpy() for k_, v in exported_state(trained).items()}
+    return FitResult(
+        state=state, loss=float(np.mean(losses)) if losses else float("nan"), steps=steps,
+        num_examples=examples, seconds=time.perf_counter() - t0,
     )
 
 

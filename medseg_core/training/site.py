@@ -35,7 +35,7 @@ from medseg_core.data.integrity import require_valid_site
 from medseg_core.data.slices import SliceSet, load_slices, split_cases
 from medseg_core.metrics import SegMetrics, case_scores, roc_auc
 from medseg_core.errors import DataIntegrityError, PrivacyBudgetExceeded
-from medseg_core.weak import WeakSettings
+from medseg_core.weak import BagSet, WeakSettings, bags_from_slices, check_bags
 from medseg_core.privacy.accountant import (
     epsilon_of,
     load_accountant,
@@ -46,9 +46,11 @@ from medseg_core.privacy.budget import FIX_HINT, RoundPrivacyPlan, plan_round
 from medseg_core.training.session import (
     FitResult,
     FitSettings,
+    bag_batch_size,
     build_segmenter,
     evaluate_state,
     fit,
+    fit_bags,
     load_state,
     steps_per_epoch,
 )
@@ -139,7 +141,24 @@ class SiteSession:
     @property
     def weak(self) -> bool:
         """Whether the federation's model trains image-level cases (CAM head)."""
-        return self.model_cfg.weak_head == "cam"
+        return self.model_cfg.weak_head == "cam" or self.mil_enabled
+
+    @property
+    def mil_enabled(self) -> bool:
+        """Whether the federation's model has a MIL head."""
+        return self.model_cfg.mil_pooling != "none"
+
+    @property
+    def is_bag_site(self) -> bool:
+        """Whether this site trains on MIL bags (every training case is in one)."""
+        return self.mil_enabled and any(c.bag is not None for c in self.datalist.split("training"))
+
+    @cached_property
+    def train_bags(self) -> BagSet:
+        """The site's training bags (bag sites only; no validation split: a
+        bag site has no masks to validate on)."""
+        _ = self._train_val
+        return bags_from_slices(self.train_set, self._bag_labels)
 
     def _training_cases(self) -> list:
         """The training cases this site can learn from, by the model's head.
@@ -150,13 +169,15 @@ class SiteSession:
             No usable case, or MIL bags (not trainable yet), each with the fix.
         """
         cases = self.datalist.split("training")
-        bags = [c.case_id for c in cases if c.bag is not None and c.label is None]
-        if bags and self.weak:
-            raise DataIntegrityError(
-                f"site {self.site.id!r}: {len(bags)} training case(s) carry only a MIL 'bag' "
-                f"(e.g. {bags[:3]}); MIL bag training is not available yet. Fix: give those "
-                "cases an image-level 'class' of their own, or leave this site out"
-            )
+        if any(c.bag is not None for c in cases):
+            if not self.mil_enabled:
+                raise DataIntegrityError(
+                    f"site {self.site.id!r}: its training cases carry MIL 'bag' ids but the "
+                    "federation's model has no MIL head. Fix: set model.mil_pooling: attention "
+                    "(or max) in the scenario"
+                )
+            self._bag_labels = check_bags(cases, self.site.id)
+            return list(cases)
         masked = [c for c in cases if c.label is not None]
         if not self.weak:
             if not masked:
@@ -195,6 +216,8 @@ class SiteSession:
             cases, image_size=self.data_cfg.image_size,
             context_slices=self.data_cfg.context_slices, require_labels=not self.weak,
         )
+        if self.is_bag_site:
+            return all_slices, None
         if self.weak:
             per_case = torch.bincount(all_slices.case_index, minlength=len(cases))
             vol_pos = [c.case_id for i, c in enumerate(cases)
@@ -303,6 +326,13 @@ class SiteSession:
         """Cumulative epsilon at the site's delta (0.0 before any DP step)."""
         return epsilon_of(self.load_accountant(), self.site.delta)
 
+    def _steps_per_epoch(self, batch_size: int) -> int:
+        """DP steps per epoch over the site's privacy units (slices, or bags)."""
+        if self.is_bag_site:
+            bags = self.train_bags
+            return steps_per_epoch(len(bags), bag_batch_size(batch_size, bags.images.shape[1]))
+        return steps_per_epoch(len(self.train_set), batch_size)
+
     def plan(self, req: RoundRequest, *, accountant: object) -> RoundPrivacyPlan:
         """This round's DP parameters; raises PrivacyBudgetExceeded if it cannot fit.
 
@@ -311,7 +341,7 @@ class SiteSession:
         evenly, then kept fixed: a later round that would take the site past
         its cap is refused rather than trained with ever larger noise.
         """
-        spe = steps_per_epoch(len(self.train_set), req.batch_size)
+        spe = self._steps_per_epoch(req.batch_size)
         q, steps = 1.0 / spe, spe * req.local_epochs
         path = self.site.state_dir / "privacy_plan.json"
         stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
@@ -368,11 +398,15 @@ class SiteSession:
             optimizer=req.optimizer, momentum=req.momentum, proximal_mu=req.proximal_mu,
             seed=self._round_seed(req.server_round),
         )
-        result = fit(
-            model, self.train_set, settings, num_classes=self.data_cfg.num_classes,
-            privacy=plan, accountant=accountant, secure_mode=self.site.secure_mode,
-            weak=WeakSettings() if self.weak else None,
-        )
+        if self.is_bag_site:
+            result = fit_bags(model, self.train_bags, settings, privacy=plan, accountant=accountant,
+                              secure_mode=self.site.secure_mode, weak=WeakSettings())
+        else:
+            result = fit(
+                model, self.train_set, settings, num_classes=self.data_cfg.num_classes,
+                privacy=plan, accountant=accountant, secure_mode=self.site.secure_mode,
+                weak=WeakSettings() if self.weak else None,
+            )
         shared = self.export_shared(result.state)
         if self.local_keys:
             AdaptationStore(self.site.state_dir, req.run_name).save(

@@ -159,7 +159,7 @@ def test_positive_volume_with_only_a_class_is_a_bag_not_an_image(tmp_path: Path)
         _ = sess.train_set
 
 
-def test_mil_bags_are_refused_until_mil_training_exists(tmp_path: Path) -> None:
+def test_bags_without_a_mil_head_say_how_to_fix(tmp_path: Path) -> None:
     sess = _site(tmp_path, label_regime="bag")
-    with pytest.raises(DataIntegrityError, match="MIL bag training is not available yet"):
+    with pytest.raises(DataIntegrityError, match="mil_pooling: attention"):
         _ = sess.train_set
