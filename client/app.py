@@ -91,7 +91,8 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
         try:
             cfg = _config(msg, _TRAIN_KEYS)
             site = resolve_site(context.node_config, context.run_config, site_map)
-            session = session_for(site, str(cfg["model"]), str(cfg["data"]))
+            session = session_for(site, str(cfg["model"]), str(cfg["data"]),
+                                  str(cfg.get("weak", "{}")))
             req = RoundRequest(
                 server_round=int(cfg[keys.SERVER_ROUND]),
                 total_rounds=int(cfg[keys.TOTAL_ROUNDS]),
@@ -160,7 +161,8 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
         try:
             cfg = _config(msg, _EVAL_KEYS)
             site = resolve_site(context.node_config, context.run_config, site_map)
-            session = session_for(site, str(cfg["model"]), str(cfg["data"]))
+            session = session_for(site, str(cfg["model"]), str(cfg["data"]),
+                                  str(cfg.get("weak", "{}")))
             split = str(cfg[keys.EVAL_SPLIT])
             res = session.evaluate(
                 record_to_state(msg.content.array_records[keys.ARRAYS]), split,

@@ -22,6 +22,7 @@ from medseg_core.config import (
     DataConfig,
     ModelConfig,
     SiteConfig,
+    WeakConfig,
     load_scenario,
     load_site_config,
     parse_model,
@@ -67,7 +68,7 @@ def resolve_site(
     )
 
 
-def session_for(site: SiteConfig, model_json: str, data_json: str) -> SiteSession:
+def session_for(site: SiteConfig, model_json: str, data_json: str, weak_json: str = "{}") -> SiteSession:
     """The cached :class:`SiteSession` for this site and federation settings.
 
     The model and data settings come from the server message and are
@@ -75,12 +76,13 @@ def session_for(site: SiteConfig, model_json: str, data_json: str) -> SiteSessio
     """
     model_cfg = parse_model(ModelConfig, json.loads(model_json), source="server message 'model'")
     data_cfg = parse_model(DataConfig, json.loads(data_json), source="server message 'data'")
+    weak_cfg = parse_model(WeakConfig, json.loads(weak_json), source="server message 'weak'")
     key = json.dumps(
         [site.model_dump(mode="json"), model_cfg.model_dump(mode="json"),
-         data_cfg.model_dump(mode="json")],
+         data_cfg.model_dump(mode="json"), weak_cfg.model_dump(mode="json")],
         sort_keys=True,
     )
     if key not in _SESSIONS:
         _SESSIONS.clear()  # one site per process; drop stale tensors
-        _SESSIONS[key] = SiteSession(site, model_cfg=model_cfg, data_cfg=data_cfg)
+        _SESSIONS[key] = SiteSession(site, model_cfg=model_cfg, data_cfg=data_cfg, weak_cfg=weak_cfg)
     return _SESSIONS[key]

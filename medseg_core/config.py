@@ -49,6 +49,7 @@ __all__ = [
     "StrategyName",
     "SyntheticSiteSpec",
     "TrainConfig",
+    "WeakConfig",
     "load_scenario",
     "load_site_config",
     "load_yaml_model",
@@ -173,6 +174,18 @@ class PrivacyConfig(_Strict):
     secure_mode: bool = False
 
 
+class WeakConfig(_Strict):
+    """Options of weak / semi-supervised training (each on or off, measured)."""
+
+    fixmatch: bool = False  # FixMatch consistency on unlabeled cases (Sohn et al. 2020)
+    fixmatch_threshold: float = Field(default=0.95, gt=0.5, lt=1.0)
+    fixmatch_weight: float = Field(default=1.0, ge=0.0)
+    noisy_labels: Literal["none", "gce"] = "none"  # generalized CE for noisy image labels
+    gce_q: float = Field(default=0.7, gt=0.0, le=1.0)
+    imbalance: Literal["none", "focal"] = "none"  # focal loss against class imbalance
+    focal_gamma: float = Field(default=2.0, ge=0.0)
+
+
 class TrainConfig(_Strict):
     """Local optimisation settings sent with every round."""
 
@@ -181,6 +194,7 @@ class TrainConfig(_Strict):
     lr: float = Field(default=1e-3, gt=0.0)
     optimizer: Literal["adam", "sgd"] = "adam"
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)  # SGD only
+    weak: WeakConfig = WeakConfig()
 
 
 class StrategyConfig(_Strict):
@@ -222,6 +236,8 @@ class SyntheticSiteSpec(_Strict):
     lesion_prevalence: float = Field(default=0.7, ge=0.0, le=1.0)
     label_regime: LabelRegime = LabelRegime.MASK
     bag_size: int = Field(default=4, ge=2)
+    unlabeled_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)  # training cases without labels
+    class_noise: float = Field(default=0.0, ge=0.0, le=0.5)  # image-level labels flipped
     shift: ShiftSpec = ShiftSpec()
     epsilon: float | None = Field(default=None, gt=0.0)
     attack: Attack = Attack.NONE

@@ -103,6 +103,7 @@ def _train_config(scenario: ScenarioConfig, run_id: str) -> dict[str, Any]:
         keys.MIN_COMPONENT_VOXELS: scenario.evaluation.min_component_voxels,
         "model": scenario.model.model_dump_json(),
         "data": scenario.data.model_dump_json(),
+        "weak": scenario.train.weak.model_dump_json(),
         keys.RUN_NAME: run_id,
     }
 
@@ -302,6 +303,7 @@ def _evaluate(
         keys.MIN_COMPONENT_VOXELS: scenario.evaluation.min_component_voxels,
         "model": scenario.model.model_dump_json(),
         "data": scenario.data.model_dump_json(),
+        "weak": scenario.train.weak.model_dump_json(),
     })
     replies = _send(grid, strategy.configure_evaluate(rnd, arrays, cfg, grid), timeout)
     num, den = 0.0, 0.0

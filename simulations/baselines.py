@@ -93,7 +93,8 @@ def _train_arm(
                         optimizer=t.optimizer, momentum=t.momentum, seed=seed * 1000 + chunk),
             num_classes=scenario.data.num_classes, privacy=plan, accountant=acc,
             secure_mode=scenario.privacy.secure_mode,
-            weak=WeakSettings() if scenario.model.weak_head == "cam" else None,
+            weak=WeakSettings.from_config(scenario.train.weak)
+            if scenario.model.weak_head == "cam" else None,
         )
         state = res.state
         if scenario.evaluation.select == "last" or val is None:
@@ -126,7 +127,8 @@ def run_pooled(
     ``init`` is the initial state of :func:`plain_scenario`'s model.
     """
     scenario = plain_scenario(scenario)
-    sessions = [SiteSession(s, model_cfg=scenario.model, data_cfg=scenario.data) for s in sites]
+    sessions = [SiteSession(s, model_cfg=scenario.model, data_cfg=scenario.data,
+                            weak_cfg=scenario.train.weak) for s in sites]
     union = concat_slicesets([s.train_set for s in sessions])
     vals = [s.val_set for s in sessions if s.val_set is not None]
     val = concat_slicesets(vals) if vals else None
@@ -149,7 +151,8 @@ def run_local(
     scenario = plain_scenario(scenario)
     per_site: dict[str, dict[str, float | int | None]] = {}
     for i, site in enumerate(sites):
-        sess = SiteSession(site, model_cfg=scenario.model, data_cfg=scenario.data)
+        sess = SiteSession(site, model_cfg=scenario.model, data_cfg=scenario.data,
+                           weak_cfg=scenario.train.weak)
         logger.info("local baseline %s: %d slices, dp=%s", site.id, len(sess.train_set), dp)
         state, eps = _train_arm(
             scenario, init, sess.train_set, sess.val_set, dp=dp, epsilon_cap=site.epsilon,

@@ -83,6 +83,9 @@ class Case:
         The entry's ``"class"``: integer image-level label (>= 0), or ``None``.
     bag
         The entry's ``"bag"``: bag id for multiple-instance learning, or ``None``.
+    unlabeled
+        The entry says ``"class": null``: deliberately unlabeled (used by
+        FixMatch), as opposed to a class that was forgotten.
     split
         ``"training"`` or ``"test"``.
     """
@@ -93,6 +96,7 @@ class Case:
     cls: int | None
     bag: str | None
     split: Split
+    unlabeled: bool = False
 
 
 @dataclass(frozen=True)
@@ -283,7 +287,8 @@ def _parse_entry(
         )
     if len(problems) > n_before or image is None:
         return None
-    return {"image": image, "label": label, "class": cls, "bag": bag}
+    return {"image": image, "label": label, "class": cls, "bag": bag,
+            "unlabeled": "class" in entry and cls is None and label is None}
 
 
 def _resolve(root: Path, rel: str) -> Path:
@@ -359,6 +364,7 @@ def _parse_datalist(
                     cls=fields["class"],
                     bag=fields["bag"],
                     split=split,  # type: ignore[arg-type]
+                    unlabeled=bool(fields["unlabeled"]),
                 )
             )
     return Datalist(root=root, name=name, labels=labels, cases=tuple(cases)), problems, json_path

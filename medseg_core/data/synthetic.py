@@ -271,6 +271,10 @@ def _write_site(spec: SyntheticSiteSpec, root: Path, seed: int, image_size: int,
     depth = None if spec.dims == 2 else spec.depth
     entries: dict[str, list[dict[str, Any]]] = {"training": [], "test": []}
     bag_counter = 0
+    pick = _rng(seed, spec.id, 300).permutation(spec.n_train)
+    n_unl = round(spec.n_train * spec.unlabeled_fraction)
+    unlabeled = set(pick[:n_unl].tolist())
+    noisy = set(pick[n_unl:n_unl + round(spec.n_train * spec.class_noise)].tolist())
     for split_no, (split, n, prefix, sub) in enumerate(
         (("training", spec.n_train, "case", "Tr"), ("test", spec.n_test, "test", "Ts"))
     ):
@@ -289,11 +293,14 @@ def _write_site(spec: SyntheticSiteSpec, root: Path, seed: int, image_size: int,
             entry: dict[str, Any] = {"image": image_rel}
             if split == "test":
                 entry.update({"label": label_rel, "class": cls})
+            elif i in unlabeled:
+                entry["class"] = None  # deliberately unlabeled: image only
             else:
                 regime = _case_regime(spec, i)
                 if regime == LabelRegime.MASK or full_masks:
                     entry["label"] = label_rel
-                entry["class"] = cls
+                # simulated report errors: some image-level labels flipped
+                entry["class"] = 1 - cls if (i in noisy and "label" not in entry) else cls
                 if regime == LabelRegime.BAG:
                     if spec.dims == 3:
                         entry["bag"] = f"bag_{case}"

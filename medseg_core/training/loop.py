@@ -146,8 +146,9 @@ def _proximal_step(
 def _batch_pair(batch: Any) -> tuple[Tensor, Any]:
     if isinstance(batch, list | tuple) and len(batch) == 2:
         return batch[0], batch[1]
-    if isinstance(batch, list | tuple) and len(batch) == 3:  # (images, labels, classes)
-        return batch[0], (batch[1], batch[2])
+    if isinstance(batch, list | tuple) and len(batch) in (3, 4):
+        # (images, labels, classes[, weak views for FixMatch])
+        return batch[0], tuple(batch[1:])
     raise ConfigError(
         "the training loader must yield (images, labels) or (images, labels, classes), got "
         f"{type(batch).__name__}"

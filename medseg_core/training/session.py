@@ -26,6 +26,7 @@ from medseg_core.models.registry import build_model
 from medseg_core.privacy.budget import RoundPrivacyPlan
 from medseg_core.privacy.engine import exported_state, make_private
 from medseg_core.training.loop import make_optimizer, train_epochs
+from medseg_core.weak.augment import strong_augment
 from medseg_core.weak import BagSet, MilLoss, WeakSegLoss, WeakSettings, fold_bag_grad_samples
 
 __all__ = [
@@ -73,9 +74,10 @@ class _FlipDataset(Dataset[tuple[torch.Tensor, ...]]):
     (image and mask flipped together)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, augment: bool,
-                 classes: torch.Tensor | None = None) -> None:
+                 classes: torch.Tensor | None = None, fixmatch: bool = False) -> None:
         self.images, self.labels, self.augment = images, labels, augment
         self.classes = classes
+        self.fixmatch = fixmatch and classes is not None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -87,7 +89,15 @@ class _FlipDataset(Dataset[tuple[torch.Tensor, ...]]):
                 x, y = x.flip(-1), y.flip(-1)
             if torch.rand(()) < 0.5:
                 x, y = x.flip(-2), y.flip(-2)
-        return (x, y) if self.classes is None else (x, y, self.classes[i])
+        if self.classes is None:
+            return x, y
+        c = self.classes[i]
+        if not self.fixmatch:
+            return x, y, c
+        # FixMatch: an unlabeled slice trains on a strong view of its weak
+        # (flipped) view; the weak view rides along for the pseudo-label.
+        unlabeled = int(c) < 0 and int(y.flatten()[0]) == IGNORE_LABEL
+        return (strong_augment(x) if unlabeled else x), y, c, x
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -172,7 +182,8 @@ def fit(
     labels = train.labels if train.labels is not None else torch.full(
         (len(train), 1, *train.images.shape[-2:]), IGNORE_LABEL, dtype=torch.int64)
     dataset = _FlipDataset(train.images, labels, augment=settings.augment,
-                           classes=train.classes if weak is not None else None)
+                           classes=train.classes if weak is not None else None,
+                           fixmatch=weak is not None and weak.fixmatch)
     loader: DataLoader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True)
     optimizer = make_optimizer(
         model, settings.optimizer, settings.lr, momentum=settings.momentum  # type: ignore[arg-type]

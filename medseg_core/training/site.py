@@ -30,7 +30,7 @@ import torch
 
 from medseg_core.adaptation import AdaptationStore, check_shared_only, local_keys, merge_state, split_state
 from medseg_core.adaptation.tta import TTAResult, adapt_unlabeled
-from medseg_core.config import DataConfig, LabelRegime, ModelConfig, SiteConfig
+from medseg_core.config import DataConfig, LabelRegime, ModelConfig, SiteConfig, WeakConfig
 from medseg_core.data.integrity import require_valid_site
 from medseg_core.data.slices import SliceSet, load_slices, split_cases
 from medseg_core.metrics import SegMetrics, case_scores, roc_auc
@@ -130,10 +130,12 @@ class SiteSession:
         message); training is refused.
     """
 
-    def __init__(self, site: SiteConfig, *, model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
+    def __init__(self, site: SiteConfig, *, model_cfg: ModelConfig, data_cfg: DataConfig,
+                 weak_cfg: WeakConfig | None = None) -> None:
         self.site = site
         self.model_cfg = model_cfg
         self.data_cfg = data_cfg
+        self.weak_settings = WeakSettings.from_config(weak_cfg)
         self.datalist = require_valid_site(site.data_dir)
         self.site.state_dir.mkdir(parents=True, exist_ok=True)
 
@@ -189,24 +191,29 @@ class SiteSession:
                 )
             return masked
         if self.site.label_regime == LabelRegime.IMAGE:
-            lacking = [c.case_id for c in cases if c.label is None and c.cls is None]
+            lacking = [c.case_id for c in cases
+                       if c.label is None and c.cls is None and not c.unlabeled]
             if lacking:
                 raise DataIntegrityError(
                     f"site {self.site.id!r} declares label_regime 'image' but {len(lacking)} "
                     f"training case(s) have neither a 'class' nor a 'label': {lacking[:10]}"
                     f"{' ...' if len(lacking) > 10 else ''}. Fix: add \"class\": 0 or 1 to each "
-                    "in dataset.json, or declare label_regime 'mixed' if they are meant to be unlabeled"
+                    "in dataset.json, or \"class\": null to mark a case as deliberately unlabeled"
                 )
         usable = [c for c in cases if c.label is not None or c.cls is not None]
         unlabeled = len(cases) - len(usable)
-        if unlabeled:
-            logger.info("site %s: %d unlabeled training case(s) are not used for training",
-                        self.site.id, unlabeled)
         if not usable:
             raise DataIntegrityError(
                 f"site {self.site.id!r} has no training case with a mask or an image-level "
                 f"'class' ({len(cases)} unlabeled case(s)); weak training needs at least one"
             )
+        if unlabeled and self.weak_settings.fixmatch:
+            logger.info("site %s: %d unlabeled training case(s) train by FixMatch consistency",
+                        self.site.id, unlabeled)
+            return list(cases)
+        if unlabeled:
+            logger.info("site %s: %d unlabeled training case(s) are not used (train.weak.fixmatch "
+                        "is off)", self.site.id, unlabeled)
         return usable
 
     @cached_property
@@ -230,7 +237,9 @@ class SiteSession:
                     "trainable yet. Fix: give those volumes masks, or leave this site out"
                 )
         tr, va = split_cases(len(all_slices.case_ids), self.site.val_fraction, self.site.seed)
-        # Validation Dice needs masks: only validation cases with one count.
+        # Validation Dice needs masks: a drawn validation case without one
+        # trains instead (nothing is left unused).
+        tr = list(tr) + [p for p in va if cases[p].label is None]
         va = [p for p in va if cases[p].label is not None]
         return all_slices.subset(tr), (all_slices.subset(va) if va else None)
 
@@ -400,12 +409,12 @@ class SiteSession:
         )
         if self.is_bag_site:
             result = fit_bags(model, self.train_bags, settings, privacy=plan, accountant=accountant,
-                              secure_mode=self.site.secure_mode, weak=WeakSettings())
+                              secure_mode=self.site.secure_mode, weak=self.weak_settings)
         else:
             result = fit(
                 model, self.train_set, settings, num_classes=self.data_cfg.num_classes,
                 privacy=plan, accountant=accountant, secure_mode=self.site.secure_mode,
-                weak=WeakSettings() if self.weak else None,
+                weak=self.weak_settings if self.weak else None,
             )
         shared = self.export_shared(result.state)
         if self.local_keys:

@@ -45,12 +45,13 @@ from torch import Tensor, nn
 from medseg_core.data.slices import IGNORE_LABEL
 from medseg_core.models.heads import last_cam
 
-__all__ = ["WeakSegLoss", "WeakSettings", "pseudo_masks"]
+__all__ = ["WeakSegLoss", "WeakSettings", "image_label_loss", "pixel_ce", "pseudo_masks"]
 
 
 @dataclass(frozen=True)
 class WeakSettings:
-    """Weights and thresholds of the weak loss."""
+    """Weights, thresholds and options of the weak loss
+    (:class:`medseg_core.config.WeakConfig` holds the user-facing options)."""
 
     cam_weight: float = 1.0
     weak_weight: float = 1.0
@@ -58,6 +59,51 @@ class WeakSettings:
     tau_fg: float = 0.5
     tau_bg: float = 0.2
     lse_r: float = 5.0
+    fixmatch: bool = False
+    fixmatch_threshold: float = 0.95
+    fixmatch_weight: float = 1.0
+    noisy_labels: str = "none"
+    gce_q: float = 0.7
+    imbalance: str = "none"
+    focal_gamma: float = 2.0
+
+    @classmethod
+    def from_config(cls, cfg: object | None) -> WeakSettings:
+        """From a :class:`medseg_core.config.WeakConfig` (None: defaults)."""
+        if cfg is None:
+            return cls()
+        names = ("fixmatch", "fixmatch_threshold", "fixmatch_weight", "noisy_labels", "gce_q",
+                 "imbalance", "focal_gamma")
+        return cls(**{n: getattr(cfg, n) for n in names})
+
+
+def image_label_loss(logit: Tensor, target: Tensor, s: WeakSettings) -> Tensor:
+    """Per-sample loss of an image-level logit against a 0/1 label.
+
+    Binary cross-entropy by default; ``noisy_labels="gce"``: generalized
+    cross-entropy ``(1 - p_y^q) / q`` (Zhang & Sabuncu 2018, NeurIPS), which
+    bounds what a wrong label can cost; ``imbalance="focal"``: the focal
+    factor ``(1 - p_y)^gamma`` (Lin et al. 2017, ICCV) down-weights easy,
+    majority-class cases.
+    """
+    p = torch.sigmoid(logit)
+    p_y = torch.where(target > 0.5, p, 1.0 - p).clamp(1e-6, 1.0)
+    if s.noisy_labels == "gce":
+        loss = (1.0 - p_y.pow(s.gce_q)) / s.gce_q
+    else:
+        loss = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
+    if s.imbalance == "focal":
+        loss = loss * (1.0 - p_y).pow(s.focal_gamma)
+    return loss
+
+
+def pixel_ce(logits: Tensor, target: Tensor, s: WeakSettings) -> Tensor:
+    """Per-pixel cross-entropy ``(B, H, W)``, focal-weighted with ``imbalance="focal"``."""
+    ce = F.cross_entropy(logits, target, reduction="none")
+    if s.imbalance == "focal":
+        p_t = torch.exp(-ce)
+        ce = ce * (1.0 - p_t).pow(s.focal_gamma)
+    return ce
 
 
 @torch.no_grad()
@@ -118,8 +164,9 @@ class WeakSegLoss(nn.Module):
         self.s = settings or WeakSettings()
         self.dice = DiceLoss(to_onehot_y=True, softmax=True, batch=False, reduction="none")
 
-    def forward(self, logits: Tensor, target: tuple[Tensor, Tensor]) -> Tensor:  # noqa: D102
-        labels, classes = target
+    def forward(self, logits: Tensor, target: tuple[Tensor, ...]) -> Tensor:  # noqa: D102
+        labels, classes = target[0], target[1]
+        weak_view = target[2] if len(target) > 2 else None
         cam = last_cam(self.model[0])
         if cam is None:
             raise ValueError("WeakSegLoss needs a model with a CAM head (model.weak_head: cam)")
@@ -135,25 +182,43 @@ class WeakSegLoss(nn.Module):
         seg = (dice + ce) * has_mask
 
         img_logit = cam.flatten(1).mean(dim=1)
-        cam_loss = F.binary_cross_entropy_with_logits(
-            img_logit, classes.clamp_min(0).to(logits.dtype), reduction="none") * known
+        cam_loss = image_label_loss(img_logit, classes.clamp_min(0).to(logits.dtype), self.s) * known
 
         margin = logits[:, 1:].logsumexp(dim=1) - logits[:, 0]  # (B, H, W) fg-vs-bg logit
         r = self.s.lse_r
         lse = (torch.logsumexp(r * margin.flatten(1), dim=1)
                - torch.log(torch.tensor(float(margin[0].numel())))) / r
-        mil = F.binary_cross_entropy_with_logits(lse, pos, reduction="none") * (pos + neg)
+        mil = image_label_loss(lse, pos, self.s) * (pos + neg)
 
-        bg_ce = F.cross_entropy(logits, torch.zeros_like(safe[:, 0]), reduction="none")
+        bg_ce = pixel_ce(logits, torch.zeros_like(safe[:, 0]), self.s)
         bg_ce = bg_ce.flatten(1).mean(dim=1) * neg
         weak = bg_ce
         if bool(pos.any()):
             pseudo = pseudo_masks(cam.detach(), None, logits.detach(),
                                   tau_fg=self.s.tau_fg, tau_bg=self.s.tau_bg)
             sure = (pseudo != IGNORE_LABEL)[:, 0].to(logits.dtype)
-            pce = F.cross_entropy(logits, pseudo[:, 0].clamp_min(0), reduction="none")
+            pce = pixel_ce(logits, pseudo[:, 0].clamp_min(0), self.s)
             pce = (pce * sure).flatten(1).sum(dim=1) / sure.flatten(1).sum(dim=1).clamp_min(1.0)
             weak = weak + pce * pos
         total = (seg + self.s.cam_weight * cam_loss + self.s.weak_weight * weak
                  + self.s.mil_weight * mil)
+        if self.s.fixmatch and weak_view is not None:
+            total = total + self.s.fixmatch_weight * self._fixmatch(logits, weak_view, known, has_mask)
         return total.sum() / b
+
+    def _fixmatch(self, logits: Tensor, weak_view: Tensor, known: Tensor, has_mask: Tensor) -> Tensor:
+        """FixMatch (Sohn et al. 2020, NeurIPS) per sample, on unlabeled cases:
+        pixels whose prediction on the weakly augmented view is confident
+        (max probability >= threshold) become targets for the prediction on
+        the strongly augmented view (``logits``); other pixels are ignored."""
+        unl = (known == 0) & (has_mask == 0)
+        out = logits.new_zeros(logits.shape[0])
+        if not bool(unl.any()):
+            return out
+        idx = unl.nonzero(as_tuple=True)[0]
+        with torch.no_grad():
+            probs = self.model[0](weak_view[idx]).softmax(dim=1)
+        conf, target = probs.max(dim=1)
+        keep = (conf >= self.s.fixmatch_threshold).to(logits.dtype)
+        ce = pixel_ce(logits[idx], target, self.s)
+        return out.index_add(0, idx, (ce * keep).flatten(1).mean(dim=1))

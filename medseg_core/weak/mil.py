@@ -40,7 +40,7 @@ from medseg_core.data.datalist import Case
 from medseg_core.data.slices import IGNORE_LABEL, SliceSet
 from medseg_core.errors import DataIntegrityError
 from medseg_core.models.heads import cam_segmenter
-from medseg_core.weak.cam import WeakSettings, pseudo_masks
+from medseg_core.weak.cam import WeakSettings, image_label_loss, pixel_ce, pseudo_masks
 
 __all__ = ["BagSet", "MilLoss", "bags_from_slices", "check_bags", "fold_bag_grad_samples"]
 
@@ -170,7 +170,7 @@ class MilLoss(nn.Module):
         h = seg.last_features.mean(dim=(2, 3))
         bag_logit, att = seg.mil_head(h, valid)
         y = labels.to(logits.dtype)
-        bag_loss = F.binary_cross_entropy_with_logits(bag_logit, y, reduction="none")
+        bag_loss = image_label_loss(bag_logit, y, self.s)
         if b == 0:
             return bag_loss.sum() + logits.sum() * 0.0 + seg.last_cam.sum() * 0.0
         vf = valid.to(logits.dtype)  # (B, K)
@@ -190,13 +190,13 @@ class MilLoss(nn.Module):
         r = self.s.lse_r
         n_pix = (vf.sum(dim=1) * margin.shape[-1]).clamp_min(1.0)
         lse = (torch.logsumexp(r * margin.flatten(1), dim=1) - n_pix.log()) / r
-        mil = F.binary_cross_entropy_with_logits(lse, y, reduction="none")
+        mil = image_label_loss(lse, y, self.s)
 
         key = pos * (att.detach() * n_valid[:, None] >= 1.0 - 1e-6).to(logits.dtype)
         pseudo = pseudo_masks(seg.last_cam.detach(), None, logits.detach(),
                               tau_fg=self.s.tau_fg, tau_bg=self.s.tau_bg)
         sure = (pseudo != IGNORE_LABEL)[:, 0].to(logits.dtype)
-        pce = F.cross_entropy(logits, pseudo[:, 0].clamp_min(0), reduction="none")
+        pce = pixel_ce(logits, pseudo[:, 0].clamp_min(0), self.s)
         pce = ((pce * sure).flatten(1).sum(dim=1) / sure.flatten(1).sum(dim=1).clamp_min(1.0)).view(b, k)
         positive_terms = (pce * key).sum(dim=1) / key.sum(dim=1).clamp_min(1.0)
 

@@ -211,7 +211,7 @@ def test_bad_loop_arguments_raise(kwargs: dict, match: str) -> None:
 def test_loader_yielding_non_pairs_raises() -> None:
     model = nn.Linear(1, 1)
     with pytest.raises(ConfigError, match=r"must yield \(images, labels\) or \(images, labels, classes\), got tuple"):
-        train_epochs(model, [(1, 2, 3, 4)], make_optimizer(model, "sgd", 0.1), _zero_grad_loss, epochs=1)
+        train_epochs(model, [(1, 2, 3, 4, 5)], make_optimizer(model, "sgd", 0.1), _zero_grad_loss, epochs=1)
 
 
 def test_non_finite_loss_raises_floating_point_error() -> None:

@@ -163,3 +163,59 @@ def test_bags_without_a_mil_head_say_how_to_fix(tmp_path: Path) -> None:
     sess = _site(tmp_path, label_regime="bag")
     with pytest.raises(DataIntegrityError, match="mil_pooling: attention"):
         _ = sess.train_set
+
+
+def test_fixmatch_trains_unlabeled_cases_only_when_on(tmp_path: Path) -> None:
+    from medseg_core.config import WeakConfig
+
+    sess = _site(tmp_path, label_regime="image", unlabeled_fraction=0.3)
+    n_labelled = len(sess.train_set)  # no masks: every labelled case trains
+    on = SiteSession(sess.site, model_cfg=sess.model_cfg, data_cfg=sess.data_cfg,
+                     weak_cfg=WeakConfig(fixmatch=True, fixmatch_threshold=0.6))
+    assert int((on.train_set.classes < 0).sum()) == 3  # the 3 unlabeled cases join training
+    assert int((sess.train_set.classes < 0).sum()) == 0 and n_labelled == 7
+    glob = {k: v.detach().numpy() for k, v in
+            build_segmenter(on.model_cfg, on.data_cfg).state_dict().items()}
+    out = on.train_round(glob, RoundRequest(server_round=1, total_rounds=1, local_epochs=1,
+                                            lr=0.05, batch_size=4, optimizer="sgd"))
+    assert np.isfinite(out.fit.loss) and 0 < out.epsilon <= 8.0
+
+
+def test_fixmatch_term_is_per_sample_and_only_on_unlabeled() -> None:
+    torch.manual_seed(0)
+    model = _model()
+    s = WeakSettings(fixmatch=True, fixmatch_threshold=0.51)
+    loss_fn = WeakSegLoss(model, s)
+    x = torch.randn(3, 1, 32, 32)
+    weak_view = x + 0.01 * torch.randn_like(x)
+    labels = torch.full((3, 1, 32, 32), IGNORE_LABEL, dtype=torch.int64)
+    classes = torch.tensor([-1, -1, 0])
+    both = loss_fn(model(x), (labels, classes, weak_view))
+    singles = torch.stack([loss_fn(model(x[i:i + 1]), (labels[i:i + 1], classes[i:i + 1],
+                                                       weak_view[i:i + 1])) for i in range(3)])
+    assert float(both) == pytest.approx(float(singles.mean()), rel=1e-5)
+    off = WeakSegLoss(model, WeakSettings())
+    assert float(off(model(x[:1]), (labels[:1], classes[:1], weak_view[:1]))) == 0.0
+    assert float(singles[0]) > 0.0  # confident pixels of the weak view become targets
+
+
+@pytest.mark.parametrize("option", ["gce", "focal"])
+def test_noisy_label_and_imbalance_options_bound_the_image_loss(option: str) -> None:
+    from medseg_core.weak.cam import image_label_loss
+
+    s = WeakSettings(noisy_labels="gce") if option == "gce" else WeakSettings(imbalance="focal")
+    logit = torch.tensor([8.0, -8.0, 0.0])  # confidently wrong, confidently right, unsure
+    target = torch.tensor([0.0, 0.0, 1.0])
+    plain = image_label_loss(logit, target, WeakSettings())
+    robust = image_label_loss(logit, target, s)
+    if option == "gce":  # a confidently wrong (possibly mislabelled) case costs at most 1/q
+        assert float(robust[0]) <= 1 / s.gce_q + 1e-6 < float(plain[0])
+    else:  # easy cases are down-weighted far more than hard ones
+        assert float(robust[1] / plain[1]) < 1e-3 < float(robust[2] / plain[2])
+
+
+def test_generator_writes_unlabeled_cases_and_noisy_labels(tmp_path: Path) -> None:
+    sess = _site(tmp_path, label_regime="image", unlabeled_fraction=0.2, class_noise=0.2)
+    entries = json.loads((sess.site.data_dir / "dataset.json").read_text())["training"]
+    assert sum(e.get("class", 0) is None and "label" not in e for e in entries) == 2
+    assert sum(e.get("class") is not None for e in entries) == 8
