@@ -137,6 +137,25 @@ def concat_slicesets(sets: list[SliceSet]) -> SliceSet:
     )
 
 
+def _privatise(
+    model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+    privacy: RoundPrivacyPlan, accountant: object | None, secure_mode: bool,
+) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
+    """Opacus DP-SGD wrappers for this round's plan, recording into ``accountant``."""
+    if accountant is None:
+        raise ValueError("training with a privacy plan needs the site's accountant")
+    # WARNING: epsilon composes across rounds only because the restored
+    # accountant is the one Opacus records into.
+    pt = make_private(
+        model, optimizer, loader,
+        accountant=accountant,  # type: ignore[arg-type]
+        noise_multiplier=privacy.noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm,
+        secure_mode=secure_mode,
+    )
+    return pt.model, pt.optimizer, pt.loader
+
+
 def fit(
     model: nn.Module,
     train: SliceSet,
@@ -192,18 +211,8 @@ def fit(
     trained: nn.Module = model
     t0 = time.perf_counter()
     if privacy is not None:
-        if accountant is None:
-            raise ValueError("fit() with a privacy plan needs the site's accountant")
-        # WARNING: epsilon composes across rounds only because the restored
-        # accountant is the one Opacus records into.
-        pt = make_private(
-            model, optimizer, loader,
-            accountant=accountant,  # type: ignore[arg-type]
-            noise_multiplier=privacy.noise_multiplier,
-            max_grad_norm=privacy.max_grad_norm,
-            secure_mode=secure_mode,
-        )
-        trained, optimizer, loader = pt.model, pt.optimizer, pt.loader
+        trained, optimizer, loader = _privatise(model, optimizer, loader, privacy, accountant,
+                                                secure_mode)
     res = train_epochs(
         trained, loader, optimizer, loss_fn,
         epochs=settings.epochs, proximal_mu=settings.proximal_mu, anchor=anchor,
@@ -264,14 +273,8 @@ def fit_bags(
     trained: nn.Module = model
     t0 = time.perf_counter()
     if privacy is not None:
-        if accountant is None:
-            raise ValueError("fit_bags() with a privacy plan needs the site's accountant")
-        pt = make_private(
-            model, optimizer, loader, accountant=accountant,  # type: ignore[arg-type]
-            noise_multiplier=privacy.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
-            secure_mode=secure_mode,
-        )
-        trained, optimizer, loader = pt.model, pt.optimizer, pt.loader
+        trained, optimizer, loader = _privatise(model, optimizer, loader, privacy, accountant,
+                                                secure_mode)
     trained.train()
     losses, steps, examples = [], 0, 0
     for _ in range(settings.epochs):
