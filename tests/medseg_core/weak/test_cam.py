@@ -219,3 +219,18 @@ def test_generator_writes_unlabeled_cases_and_noisy_labels(tmp_path: Path) -> No
     entries = json.loads((sess.site.data_dir / "dataset.json").read_text())["training"]
     assert sum(e.get("class", 0) is None and "label" not in e for e in entries) == 2
     assert sum(e.get("class") is not None for e in entries) == 8
+
+
+def test_site_with_class_only_test_cases_is_scored_by_auc_alone(tmp_path: Path) -> None:
+    sess = _site(tmp_path, label_regime="image", lesion_prevalence=0.5, n_test=6)
+
+    def class_only_test(data: dict) -> None:
+        for e in data["test"]:
+            e.pop("label")
+
+    sess = _rewrite(sess, class_only_test)
+    glob = {k: v.detach().numpy() for k, v in
+            build_segmenter(sess.model_cfg, sess.data_cfg).state_dict().items()}
+    res = sess.evaluate(glob, "test")
+    assert res.dice is None and res.hd95 is None and res.n_dice == 0
+    assert res.auc is not None and 0.0 <= res.auc <= 1.0
