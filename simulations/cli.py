@@ -5,6 +5,7 @@ Subcommands
 simulate     run a multi-site federation on one machine (Flower simulation engine)
 check-data   integrity report of a site directory (dataset.json + images)
 adapt        test-time adaptation of a new site's private layers to a global model
+certs        a federation CA, the SuperLink's TLS certificate and sites' node keys
 """
 
 from __future__ import annotations
@@ -87,6 +88,25 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from server.certs import create_ca_and_server, create_node_keys
+
+    out = Path(args.out)
+    if args.san:
+        p = create_ca_and_server(out, sans=list(args.san), overwrite=args.force)
+        print(f"CA certificate (give to every site): {p.ca_cert}")
+        print(f"server certificate / key (SuperLink only): {p.server_cert} / {p.server_key}")
+    for site in args.node or []:
+        priv, pub = create_node_keys(out, site, overwrite=args.force)
+        print(f"site {site}: private key {priv} (stays at the site), public key {pub} "
+              "(register it on the server)")
+    if not args.san and not args.node:
+        print("nothing to do: pass --san HOST for the CA and server certificate and/or "
+              "--node SITE_ID for a site's key pair", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``medseg`` argument parser."""
     p = argparse.ArgumentParser(prog="medseg", description=__doc__,
@@ -121,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--min-component-voxels", type=int, default=0,
                    help="post-processing for the before/after test Dice")
     a.set_defaults(func=_cmd_adapt)
+
+    k = sub.add_parser("certs", help="CA, SuperLink TLS certificate and site node keys")
+    k.add_argument("--out", default="certs", help="output directory (default: ./certs)")
+    k.add_argument("--san", action="append",
+                   help="host name or IP the sites dial (repeat); creates the CA + server cert")
+    k.add_argument("--node", action="append", help="site id to create a node key pair for (repeat)")
+    k.add_argument("--force", action="store_true", help="overwrite existing keys/certificates")
+    k.set_defaults(func=_cmd_certs)
     return p
 
 
