@@ -6,6 +6,9 @@ simulate     run a multi-site federation on one machine (Flower simulation engin
 check-data   integrity report of a site directory (dataset.json + images)
 adapt        test-time adaptation of a new site's private layers to a global model
 certs        a federation CA, the SuperLink's TLS certificate and sites' node keys
+server       start a SuperLink (TLS + SuperNode authentication) and run the federation
+nodes        register (add) or remove a site's SuperNode key on the running server
+client       start one hospital's SuperNode (its site config stays on the site)
 """
 
 from __future__ import annotations
@@ -107,6 +110,83 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_home(workdir: str) -> Path:
+    return Path(workdir).resolve() / "flwr-home"
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from medseg_core.config import load_scenario
+
+    from server import deploy
+
+    scenario = load_scenario(args.config)
+    workdir = Path(args.workdir).resolve()
+    home = _server_home(args.workdir)
+    certs = None if args.insecure else Path(args.certs).resolve()
+    link = deploy.start_superlink(
+        certs, port=args.port, host=args.host, flwr_home=home, log=workdir / "superlink.log",
+        database=workdir / "superlink.db", insecure=args.insecure,
+    )
+    try:
+        deploy.wait_for_port(args.port, args.host, timeout=60)
+        deploy.write_connection(home, f"{args.host}:{args.port}",
+                                None if certs is None else certs / "ca.crt")
+        print(f"SuperLink up on {args.host}:{args.port} (pid {link.pid}, "
+              f"{'INSECURE' if args.insecure else 'TLS + SuperNode authentication'}); register "
+              f"sites with `medseg nodes add KEY.pub --workdir {args.workdir}`", flush=True)
+        need = args.min_nodes or len(scenario.sites)
+        deadline = time.monotonic() + args.wait
+        while len(deploy.online_nodes(home)) < need:
+            if time.monotonic() > deadline or link.popen.poll() is not None:
+                print(f"medseg: error: {len(deploy.online_nodes(home)) if link.popen.poll() is None else 0}"
+                      f" of {need} sites online after {args.wait:.0f} s; check the sites' "
+                      "`medseg client` logs and that their keys are registered", file=sys.stderr)
+                return 3
+            time.sleep(2)
+        print(f"{need} site(s) online; running {scenario.name} ({scenario.rounds} rounds)", flush=True)
+        rc = deploy.run_federation_remote(Path(args.config), workdir, home,
+                                          log=workdir / "run.log")
+        fed = workdir / "server" / "federated.json"
+        if rc != 0 or not fed.is_file():
+            print(f"medseg: error: the run failed (flwr exit {rc}); see {workdir / 'run.log'}",
+                  file=sys.stderr)
+            return 1
+        print(fed.read_text(encoding="utf-8"))
+        return 0
+    finally:
+        if not args.keep_running:
+            deploy.stop(link)
+
+
+def _cmd_nodes(args: argparse.Namespace) -> int:
+    from server import deploy
+
+    home = _server_home(args.workdir)
+    if args.action == "add":
+        node_id = deploy.register_node(Path(args.target), home, name=args.name)
+        print(f"registered {args.target} as node {node_id}")
+    else:
+        deploy.unregister_node(args.target, home)
+        print(f"removed node {args.target}")
+    return 0
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    import os
+
+    from server import deploy
+
+    cmd = deploy.supernode_command(
+        site_yaml=Path(args.site), server=args.server,
+        ca_cert=None if args.insecure else Path(args.ca), private_key=Path(args.key) if args.key else None,
+        port=args.port, insecure=args.insecure,
+    )
+    home = Path(args.state or Path(args.site).resolve().parent / "flwr-home")
+    print(f"starting SuperNode for {args.site} -> {args.server}", flush=True)
+    os.execve(cmd[0], cmd, deploy.deploy_env(home))
+    return 0  # pragma: no cover - execve does not return
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``medseg`` argument parser."""
     p = argparse.ArgumentParser(prog="medseg", description=__doc__,
@@ -149,6 +229,37 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--node", action="append", help="site id to create a node key pair for (repeat)")
     k.add_argument("--force", action="store_true", help="overwrite existing keys/certificates")
     k.set_defaults(func=_cmd_certs)
+
+    sv = sub.add_parser("server", help="start a SuperLink and run the federation over it")
+    sv.add_argument("--config", required=True, help="scenario/run YAML (model, strategy, rounds)")
+    sv.add_argument("--certs", default="certs", help="directory from `medseg certs`")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=int, default=9092, help="SuperLink HTTPS port")
+    sv.add_argument("--workdir", default="runs/server", help="run store, checkpoints, logs")
+    sv.add_argument("--min-nodes", type=int, default=None,
+                    help="sites that must be online to start (default: the scenario's sites)")
+    sv.add_argument("--wait", type=float, default=600.0, help="seconds to wait for the sites")
+    sv.add_argument("--keep-running", action="store_true", help="leave the SuperLink up afterwards")
+    sv.add_argument("--insecure", action="store_true",
+                    help="NO TLS (development only; every update crosses the network unencrypted)")
+    sv.set_defaults(func=_cmd_server)
+
+    nd = sub.add_parser("nodes", help="register or remove a site's SuperNode key")
+    nd.add_argument("action", choices=["add", "remove"])
+    nd.add_argument("target", help="KEY.pub to add, or a node id to remove")
+    nd.add_argument("--workdir", default="runs/server", help="the server's --workdir")
+    nd.add_argument("--name", default=None, help="a name for the node (add)")
+    nd.set_defaults(func=_cmd_nodes)
+
+    cl = sub.add_parser("client", help="start one hospital's SuperNode")
+    cl.add_argument("--site", required=True, help="the site's private site.yaml")
+    cl.add_argument("--server", required=True, help="SuperLink HOST:PORT")
+    cl.add_argument("--ca", default="certs/ca.crt", help="the federation's CA certificate")
+    cl.add_argument("--key", default=None, help="the site's private node key (OpenSSH)")
+    cl.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's API")
+    cl.add_argument("--state", default=None, help="Flower's home for this SuperNode")
+    cl.add_argument("--insecure", action="store_true", help="NO TLS (development only)")
+    cl.set_defaults(func=_cmd_client)
     return p
 
 

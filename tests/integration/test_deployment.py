@@ -1,0 +1,141 @@
+"""Hospital deployment on Flower's deployment engine, as processes on 127.0.0.1.
+
+`medseg certs` -> `medseg server` (SuperLink with TLS + SuperNode
+authentication) -> `medseg nodes add` -> `medseg client` per site, the same
+ServerApp/ClientApp as simulation. Every process is started here and stopped
+by PID (its process group).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from medseg_core.config import load_scenario
+from medseg_core.sites import materialise_site
+from medseg_core.store import RunStore
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SCENARIO = """
+name: deploy2x2
+seed: 5
+rounds: 2
+sites:
+  - {id: site-a, n_train: 8, n_test: 3}
+  - {id: site-b, n_train: 8, n_test: 3, shift: {gamma: 1.2}}
+model: {channels: [8, 16], strides: [2], norm_groups: 4}
+data: {image_size: 32, val_fraction: 0.25}
+train: {local_epochs: 1, batch_size: 4, lr: 0.01}
+privacy: {enabled: true, epsilon: 8.0}
+strategy: {round_timeout_s: 300}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _medseg(*args: str) -> list[str]:
+    return [sys.executable, "-m", "simulations.cli", *args]
+
+
+def _wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(port)
+
+
+def _stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_tls_federation_with_registered_nodes(tmp_path: Path) -> None:
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(SCENARIO)
+    scenario = load_scenario(cfg)
+    site_yaml = {}
+    for spec in scenario.sites:  # each hospital's own data and private site.yaml
+        materialise_site(spec, scenario, tmp_path / "hospitals")
+        site_yaml[spec.id] = tmp_path / "hospitals" / "sites" / spec.id / "site.yaml"
+    certs = tmp_path / "certs"
+    subprocess.run(_medseg("certs", "--out", str(certs), "--san", "127.0.0.1", "--node", "site-a",
+                           "--node", "site-b", "--node", "intruder"), check=True, env=env)
+    port, work = _free_port(), tmp_path / "server"
+    procs: list[subprocess.Popen] = []
+
+    def spawn(cmd: list[str], log: str) -> subprocess.Popen:
+        fh = open(tmp_path / log, "wb")  # noqa: SIM115
+        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True)
+        procs.append(p)
+        return p
+
+    try:
+        server = spawn(_medseg("server", "--config", str(cfg), "--certs", str(certs), "--port",
+                               str(port), "--workdir", str(work), "--wait", "300"), "server.log")
+        _wait_port(port)
+        time.sleep(2)  # the connection file is written right after the port opens
+        for sid in ("site-a", "site-b"):
+            subprocess.run(_medseg("nodes", "add", str(certs / "nodes" / f"{sid}.pub"),
+                                   "--workdir", str(work)), check=True, env=env, timeout=120)
+        intruder = spawn(_medseg("client", "--site", str(site_yaml["site-a"]), "--server",
+                                 f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"), "--key",
+                                 str(certs / "nodes" / "intruder"), "--port", str(_free_port()),
+                                 "--state", str(tmp_path / "intruder-home")), "intruder.log")
+        no_tls = spawn(_medseg("client", "--site", str(site_yaml["site-b"]), "--server",
+                               f"127.0.0.1:{port}", "--insecure", "--port", str(_free_port()),
+                               "--state", str(tmp_path / "notls-home")), "notls.log")
+        for sid in ("site-a", "site-b"):
+            spawn(_medseg("client", "--site", str(site_yaml[sid]), "--server", f"127.0.0.1:{port}",
+                          "--ca", str(certs / "ca.crt"), "--key", str(certs / "nodes" / sid),
+                          "--port", str(_free_port()), "--state", str(tmp_path / f"{sid}-home")),
+                  f"{sid}.log")
+        rc = server.wait(timeout=900)
+        assert rc == 0, (tmp_path / "server.log").read_text()[-3000:] + (
+            work / "run.log").read_text(errors="replace")[-3000:]
+        fed = json.loads((work / "server" / "federated.json").read_text())
+        assert set(fed["sites"]) == {"site-a", "site-b"}
+        for r in fed["sites"].values():
+            assert 0.0 <= r["dice"] <= 1.0 and 0.0 < r["epsilon"] <= 8.0 + 1e-6
+        with RunStore(work / "server" / "runstore.sqlite") as store:
+            rounds = store.rounds(fed["run_id"])
+            assert [r["round"] for r in rounds] == [1, 2]
+            assert all(r["n_accepted"] == 2 for r in rounds)
+        # the site configs never left the sites: the server's files do not name them
+        server_text = "".join(p.read_text(errors="replace") for p in work.rglob("*.json"))
+        assert str(site_yaml["site-a"].parent) not in server_text
+        # an unregistered key and a node without TLS never joined
+        intruder_log = (tmp_path / "intruder.log").read_text(errors="replace")
+        notls_log = (tmp_path / "notls.log").read_text(errors="replace")
+        assert "SuperNode ID" not in intruder_log, intruder_log[-2000:]
+        assert "Failed to activate SuperNode" in intruder_log, intruder_log[-2000:]
+        assert "SuperNode ID" not in notls_log, notls_log[-2000:]
+        assert "Connection attempt failed" in notls_log, notls_log[-2000:]
+        del intruder, no_tls
+    finally:
+        for p in reversed(procs):
+            _stop(p)
