@@ -135,7 +135,7 @@ class MilHead(nn.Module):
             gate = torch.tanh(self.att_v(h)) * torch.sigmoid(self.att_u(h))
             scores = self.att_w(gate).view(b, k).masked_fill(~valid, neg)
             att = scores.softmax(dim=1)
-            z = (att.unsqueeze(-1) * h.view(b, k, -1)).sum(dim=1)
+            z = (att.unsqueeze(-1) * h.view(b, k, h.shape[-1])).sum(dim=1)
             return self.classifier(z).squeeze(-1), att
         inst = self.classifier(h).view(b, k).masked_fill(~valid, neg)
         top = inst.argmax(dim=1)

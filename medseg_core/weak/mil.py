@@ -167,7 +167,10 @@ class MilLoss(nn.Module):
         if seg is None or seg.mil_head is None or seg.last_features is None:
             raise ValueError("MilLoss needs a model with a MIL head (model.mil_pooling)")
         b, k = valid.shape
-        h = seg.last_features.mean(dim=(2, 3))
+        # Instance embeddings: global average of the bottleneck, L2-normalised
+        # (bounded inputs keep the attention/classifier head stable at the
+        # segmenter's learning rate; unnormalised, SGD+momentum diverged).
+        h = F.normalize(seg.last_features.mean(dim=(2, 3)), dim=1) * 4.0
         bag_logit, att = seg.mil_head(h, valid)
         y = labels.to(logits.dtype)
         bag_loss = image_label_loss(bag_logit, y, self.s)
@@ -183,18 +186,23 @@ class MilLoss(nn.Module):
         cam_img = seg.last_cam.flatten(1).mean(dim=1).view(b, k)
         cam_neg = F.binary_cross_entropy_with_logits(cam_img, torch.zeros_like(cam_img),
                                                      reduction="none")
-        negative_terms = ((bg_ce + self.s.cam_weight * cam_neg) * neg).sum(dim=1) / n_valid
+        negative_terms = ((self.s.neg_weight * bg_ce + self.s.cam_weight * cam_neg) * neg
+                          ).sum(dim=1) / n_valid
 
-        margin = (logits[:, 1:].logsumexp(dim=1) - logits[:, 0]).view(b, k, -1)
-        margin = margin.masked_fill(~valid[:, :, None], torch.finfo(logits.dtype).min)
-        r = self.s.lse_r
-        n_pix = (vf.sum(dim=1) * margin.shape[-1]).clamp_min(1.0)
-        lse = (torch.logsumexp(r * margin.flatten(1), dim=1) - n_pix.log()) / r
-        mil = image_label_loss(lse, y, self.s)
+        mil = logits.new_zeros(b)
+        if self.s.mil_weight > 0:
+            margin = (logits[:, 1:].logsumexp(dim=1) - logits[:, 0]).view(b, k, -1)
+            margin = margin.masked_fill(~valid[:, :, None], -1e4)  # padding never wins the max
+            r = self.s.lse_r
+            n_pix = (vf.sum(dim=1) * margin.shape[-1]).clamp_min(1.0)
+            lse = (torch.logsumexp(r * margin.flatten(1), dim=1) - n_pix.log()) / r
+            mil = image_label_loss(lse, y, self.s)
 
         key = pos * (att.detach() * n_valid[:, None] >= 1.0 - 1e-6).to(logits.dtype)
         pseudo = pseudo_masks(seg.last_cam.detach(), None, logits.detach(),
                               tau_fg=self.s.tau_fg, tau_bg=self.s.tau_bg)
+        if not self.s.pseudo_bg:
+            pseudo = torch.where(pseudo == 0, torch.full_like(pseudo, IGNORE_LABEL), pseudo)
         sure = (pseudo != IGNORE_LABEL)[:, 0].to(logits.dtype)
         pce = pixel_ce(logits, pseudo[:, 0].clamp_min(0), self.s)
         pce = ((pce * sure).flatten(1).sum(dim=1) / sure.flatten(1).sum(dim=1).clamp_min(1.0)).view(b, k)
