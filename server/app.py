@@ -37,9 +37,13 @@ def build_server_app(
     def main(grid: Grid, context: Context) -> None:
         scen = scenario or load_scenario(str(context.run_config["scenario"]))
         out = Path(out_dir or str(context.run_config.get("workdir", "runs/flwr-run")))
+        # A deployment passes a stable run name (and resume) in the run
+        # config, so a restarted server continues the same run.
+        name = str(context.run_config.get("run-name", "") or "")
         run_federation(
             grid, scen, out / "server" if out_dir is None else out,
-            run_id=run_id or f"{scen.name}-{context.run_id}", resume=resume,
+            run_id=run_id or name or f"{scen.name}-{context.run_id}",
+            resume=resume or bool(context.run_config.get("resume", False)),
         )
 
     return app

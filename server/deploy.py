@@ -230,9 +230,11 @@ def supernode_command(
 
 def run_federation_remote(
     scenario: Path, workdir: Path, flwr_home: Path, *, log: Path, timeout: float | None = None,
+    run_name: str = "", resume: bool = False,
 ) -> int:
     """``flwr run`` this project on the ``medseg`` SuperLink and stream its log."""
-    run_config = f'scenario="{Path(scenario).resolve()}" workdir="{Path(workdir).resolve()}"'
+    run_config = (f'scenario="{Path(scenario).resolve()}" workdir="{Path(workdir).resolve()}" '
+                  f'run-name="{run_name}" resume={"true" if resume else "false"}')
 
     cmd = [_bin("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--run-config", run_config,
            "--stream"]

@@ -121,12 +121,24 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
     scenario = load_scenario(args.config)
     workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
     home = _server_home(args.workdir)
+    name_file = workdir / "run-name"
+    if args.resume:
+        if not name_file.is_file():
+            print(f"medseg: error: --resume but {workdir} holds no run (no {name_file.name}); "
+                  "start without --resume", file=sys.stderr)
+            return 2
+        run_name = name_file.read_text(encoding="utf-8").strip()
+    else:
+        run_name = f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name_file.write_text(run_name, encoding="utf-8")
     certs = None if args.insecure else Path(args.certs).resolve()
     link = deploy.start_superlink(
         certs, port=args.port, host=args.host, flwr_home=home, log=workdir / "superlink.log",
         database=workdir / "superlink.db", insecure=args.insecure,
     )
+    (workdir / "superlink.pid").write_text(str(link.pid), encoding="utf-8")
     try:
         deploy.wait_for_port(args.port, args.host, timeout=60)
         deploy.write_connection(home, f"{args.host}:{args.port}",
@@ -145,7 +157,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
             time.sleep(2)
         print(f"{need} site(s) online; running {scenario.name} ({scenario.rounds} rounds)", flush=True)
         rc = deploy.run_federation_remote(Path(args.config), workdir, home,
-                                          log=workdir / "run.log")
+                                          log=workdir / "run.log", run_name=run_name,
+                                          resume=args.resume)
         fed = workdir / "server" / "federated.json"
         if rc != 0 or not fed.is_file():
             print(f"medseg: error: the run failed (flwr exit {rc}); see {workdir / 'run.log'}",
@@ -240,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sites that must be online to start (default: the scenario's sites)")
     sv.add_argument("--wait", type=float, default=600.0, help="seconds to wait for the sites")
     sv.add_argument("--keep-running", action="store_true", help="leave the SuperLink up afterwards")
+    sv.add_argument("--resume", action="store_true",
+                    help="continue the run in --workdir after its last completed round "
+                         "(checkpoint + run store; sites keep their own state)")
     sv.add_argument("--insecure", action="store_true",
                     help="NO TLS (development only; every update crosses the network unencrypted)")
     sv.set_defaults(func=_cmd_server)

@@ -139,3 +139,92 @@ def test_tls_federation_with_registered_nodes(tmp_path: Path) -> None:
     finally:
         for p in reversed(procs):
             _stop(p)
+
+
+def _ledger_rows(db: Path) -> list[tuple]:
+    import sqlite3
+
+    with sqlite3.connect(db) as c:
+        return sorted(c.execute("SELECT run_id, site_id, round, epsilon FROM privacy_ledger"))
+
+
+def test_kill_9_server_and_resume(tmp_path: Path) -> None:
+    """kill -9 the server mid-run; `medseg server --resume` finishes the same run."""
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(SCENARIO.replace("rounds: 2", "rounds: 3"))
+    scenario = load_scenario(cfg)
+    site_yaml = {}
+    for spec in scenario.sites:
+        materialise_site(spec, scenario, tmp_path / "hospitals")
+        site_yaml[spec.id] = tmp_path / "hospitals" / "sites" / spec.id / "site.yaml"
+    certs = tmp_path / "certs"
+    subprocess.run(_medseg("certs", "--out", str(certs), "--san", "127.0.0.1", "--node", "site-a",
+                           "--node", "site-b"), check=True, env=env)
+    port, work = _free_port(), tmp_path / "server"
+    procs: list[subprocess.Popen] = []
+
+    def spawn(cmd: list[str], log: str) -> subprocess.Popen:
+        fh = open(tmp_path / log, "ab")  # noqa: SIM115
+        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True)
+        procs.append(p)
+        return p
+
+    server_cmd = _medseg("server", "--config", str(cfg), "--certs", str(certs), "--port", str(port),
+                         "--workdir", str(work), "--wait", "300")
+    try:
+        server = spawn(server_cmd, "server.log")
+        _wait_port(port)
+        time.sleep(2)
+        for sid in ("site-a", "site-b"):
+            subprocess.run(_medseg("nodes", "add", str(certs / "nodes" / f"{sid}.pub"),
+                                   "--workdir", str(work)), check=True, env=env, timeout=120)
+            spawn(_medseg("client", "--site", str(site_yaml[sid]), "--server", f"127.0.0.1:{port}",
+                          "--ca", str(certs / "ca.crt"), "--key", str(certs / "nodes" / sid),
+                          "--port", str(_free_port()), "--state", str(tmp_path / f"{sid}-home")),
+                  f"{sid}.log")
+        first = work / "server" / "checkpoints" / "round_0001"
+        deadline = time.monotonic() + 600
+        while not (first / "meta.json").is_file():
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "round 1 never completed"
+            time.sleep(0.5)
+        # kill -9 the aggregator: medseg server, the SuperLink and the ServerApp under it
+        link_pid = int((work / "superlink.pid").read_text())
+        for pgid in (server.pid, link_pid):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        server.wait(timeout=30)
+        db = work / "server" / "runstore.sqlite"
+        before = _ledger_rows(db)
+        run_name = (work / "run-name").read_text().strip()
+        assert before and {r[0] for r in before} == {run_name}
+        assert max(r[2] for r in before) in (1, 2)  # killed mid-run
+
+        resumed = spawn(server_cmd + ["--resume"], "server-resumed.log")
+        rc = resumed.wait(timeout=900)
+        assert rc == 0, (tmp_path / "server-resumed.log").read_text()[-3000:] + (
+            work / "run.log").read_text(errors="replace")[-3000:]
+        after = _ledger_rows(db)
+        assert set(before) <= set(after)  # nothing lost, nothing rewritten
+        keys = [(r[1], r[2]) for r in after]
+        assert len(keys) == len(set(keys)) == 2 * 3  # one row per site and round, none twice
+        fed = json.loads((work / "server" / "federated.json").read_text())
+        assert fed["run_id"] == run_name and set(fed["sites"]) == {"site-a", "site-b"}
+        with RunStore(db) as store:
+            assert [r["round"] for r in store.rounds(run_name)] == [1, 2, 3]
+            assert all(r["finished_at"] is not None for r in store.rounds(run_name))
+        # each site's epsilon only grew, across the crash (its own accountant)
+        for sid in ("site-a", "site-b"):
+            eps = [r[3] for r in after if r[1] == sid]
+            assert eps == sorted(eps)
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+        try:
+            os.killpg(int((work / "superlink.pid").read_text()), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
