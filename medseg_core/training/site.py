@@ -43,6 +43,7 @@ from medseg_core.privacy.accountant import (
     save_accountant,
 )
 from medseg_core.privacy.budget import FIX_HINT, RoundPrivacyPlan, plan_round
+from medseg_core.training.replay import ReplyCache, state_digest
 from medseg_core.training.session import (
     FitResult,
     FitSettings,
@@ -86,6 +87,20 @@ class SiteEval:
     hd95: float | None
     n_dice: int
     auc: float | None = None
+
+
+def _outcome_from_cache(shared: dict[str, np.ndarray], stats: dict) -> RoundOutcome:
+    """A stored reply as a :class:`RoundOutcome` (see :mod:`.replay`)."""
+    val = stats.get("val")
+    return RoundOutcome(
+        fit=FitResult(state=shared, loss=float(stats["loss"]), steps=int(stats["steps"]),
+                      num_examples=int(stats["num_examples"]), seconds=float(stats["seconds"])),
+        shared=shared, n_train=int(stats["n_train"]),
+        val=None if val is None else SegMetrics(dice=float(val["dice"]), hd95=float(val["hd95"]),
+                                                n_cases=int(val["n_cases"]), per_case_dice=()),
+        privacy=None if stats.get("privacy") is None else RoundPrivacyPlan(**stats["privacy"]),
+        epsilon=None if stats.get("epsilon") is None else float(stats["epsilon"]),
+    )
 
 
 def _cases_with_masks(data: SliceSet) -> SliceSet | None:
@@ -398,6 +413,16 @@ class SiteSession:
             trained and the accountant is unchanged.
         """
         torch.set_num_threads(self.site.torch_threads)
+        digest = state_digest(global_state)
+        cache = ReplyCache(self.site.state_dir, req.run_name)
+        replay = cache.get(req.server_round, digest)
+        if replay is not None:
+            # WARNING: privacy invariant. A replayed round (server resumed
+            # after a crash) is answered with what was sent the first time;
+            # training again would spend the budget twice.
+            logger.info("site %s round %d: replayed request, answering with the stored reply",
+                        self.site.id, req.server_round)
+            return _outcome_from_cache(*replay)
         model = build_segmenter(self.model_cfg, self.data_cfg)
         load_state(model, self.full_state(global_state, req.run_name, req.server_round, before=True))
         accountant = self.load_accountant() if self.site.dp_enabled else None
@@ -440,9 +465,18 @@ class SiteSession:
             self.site.id, req.server_round, result.loss, result.steps,
             "n/a" if epsilon is None else f"{epsilon:.3f}",
         )
-        return RoundOutcome(
-            fit=result, shared=shared, n_train=len(self.train_set), val=val, privacy=plan, epsilon=epsilon
+        outcome = RoundOutcome(
+            fit=result, shared=shared, n_train=len(self.train_set), val=val, privacy=plan,
+            epsilon=epsilon,
         )
+        cache.put(req.server_round, digest, shared, {
+            "loss": result.loss, "steps": result.steps, "num_examples": result.num_examples,
+            "seconds": result.seconds, "n_train": outcome.n_train, "epsilon": epsilon,
+            "privacy": None if plan is None else asdict(plan),
+            "val": None if val is None else {"dice": val.dice, "hd95": val.hd95,
+                                             "n_cases": val.n_cases},
+        })
+        return outcome
 
     def _round_seed(self, server_round: int) -> int:
         """Per-site, per-round seed: sites must not share random streams
