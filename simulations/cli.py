@@ -9,6 +9,7 @@ certs        a federation CA, the SuperLink's TLS certificate and sites' node ke
 server       start a SuperLink (TLS + SuperNode authentication) and run the federation
 nodes        register (add) or remove a site's SuperNode key on the running server
 client       start one hospital's SuperNode (its site config stays on the site)
+make-site    write one site of a scenario (synthetic data + its private site.yaml)
 """
 
 from __future__ import annotations
@@ -200,6 +201,29 @@ def _cmd_client(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover - execve does not return
 
 
+def _cmd_make_site(args: argparse.Namespace) -> int:
+    from medseg_core.config import load_scenario
+    from medseg_core.errors import ConfigError
+    from medseg_core.sites import materialise_site
+
+    scenario = load_scenario(args.config)
+    specs = {s.id: s for s in scenario.sites}
+    if args.site not in specs:
+        raise ConfigError(f"site {args.site!r} is not in {args.config}; its sites: {sorted(specs)}")
+    site = materialise_site(specs[args.site], scenario, Path(args.out))
+    path = Path(args.out).resolve() / "sites" / site.id / "site.yaml"
+    if args.state_dir or args.site_yaml:
+        from medseg_core.sites import write_site_config
+
+        if args.state_dir:
+            site = site.model_copy(update={"state_dir": Path(args.state_dir).resolve()})
+        path.unlink()
+        path = Path(args.site_yaml).resolve() if args.site_yaml else path
+        write_site_config(site, path)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``medseg`` argument parser."""
     p = argparse.ArgumentParser(prog="medseg", description=__doc__,
@@ -276,6 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--state", default=None, help="Flower's home for this SuperNode")
     cl.add_argument("--insecure", action="store_true", help="NO TLS (development only)")
     cl.set_defaults(func=_cmd_client)
+
+    ms = sub.add_parser("make-site", help="write one site of a scenario (data + site.yaml)")
+    ms.add_argument("--config", required=True, help="scenario YAML")
+    ms.add_argument("--site", required=True, help="the site id")
+    ms.add_argument("--out", required=True, help="directory for data/<id> and sites/<id>/site.yaml")
+    ms.add_argument("--state-dir", default=None,
+                    help="the site's writable state directory (default: under --out)")
+    ms.add_argument("--site-yaml", default=None, help="where to write site.yaml instead")
+    ms.set_defaults(func=_cmd_make_site)
     return p
 
 

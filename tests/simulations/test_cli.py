@@ -56,3 +56,19 @@ def test_bad_scenario_is_a_clear_error_not_a_traceback(
 def test_missing_dataset_json_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-data", str(tmp_path)]) == 1
     assert "dataset.json" in capsys.readouterr().out
+
+
+def test_make_site_writes_data_and_a_site_yaml_with_its_own_state_dir(tmp_path, capsys) -> None:
+    from medseg_core.config import load_site_config
+    from simulations.cli import main
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("sites:\n  - {id: h1, n_train: 4, n_test: 2}\ndata: {image_size: 32}\n")
+    assert main(["make-site", "--config", str(cfg), "--site", "h1", "--out", str(tmp_path / "d"),
+                 "--state-dir", str(tmp_path / "state"), "--site-yaml",
+                 str(tmp_path / "d" / "site.yaml")]) == 0
+    site = load_site_config(tmp_path / "d" / "site.yaml")
+    assert site.state_dir == (tmp_path / "state").resolve()
+    assert (site.data_dir / "dataset.json").is_file()
+    assert main(["make-site", "--config", str(cfg), "--site", "nope", "--out", str(tmp_path)]) == 2
+    assert "'nope' is not in" in capsys.readouterr().err
