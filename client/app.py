@@ -8,6 +8,7 @@ accountant state stay on the site.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -106,6 +107,12 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 min_component_voxels=int(cfg.get(keys.MIN_COMPONENT_VOXELS, 0)),
             )
             global_state = record_to_state(msg.content.array_records[keys.ARRAYS])
+            if req.server_round in site.drop_rounds:  # simulated outage (tests, scenarios)
+                logger.warning("site %s: simulated drop-out in round %d (%.0f s)", site.id,
+                               req.server_round, site.drop_seconds)
+                time.sleep(site.drop_seconds)
+                raise ConfigError(f"site {site.id!r} dropped out of round {req.server_round} "
+                                  "(simulated: drop_rounds)")
             outcome = session.train_round(global_state, req)
         except PrivacyBudgetExceeded as exc:
             return _error_reply(msg, keys.ERR_BUDGET_EXHAUSTED, exc)

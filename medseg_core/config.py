@@ -241,6 +241,8 @@ class SyntheticSiteSpec(_Strict):
     shift: ShiftSpec = ShiftSpec()
     epsilon: float | None = Field(default=None, gt=0.0)
     attack: Attack = Attack.NONE
+    drop_rounds: tuple[int, ...] = ()  # simulation only: the site is unreachable these rounds
+    drop_seconds: float = Field(default=120.0, gt=0.0)  # ... stalling this long (> round timeout)
 
 
 class AnatomySiteSpec(_Strict):
@@ -255,6 +257,8 @@ class AnatomySiteSpec(_Strict):
     label_regime: LabelRegime = LabelRegime.MASK
     epsilon: float | None = Field(default=None, gt=0.0)
     attack: Attack = Attack.NONE
+    drop_rounds: tuple[int, ...] = ()  # simulation only: the site is unreachable these rounds
+    drop_seconds: float = Field(default=120.0, gt=0.0)  # ... stalling this long (> round timeout)
 
 
 class PathSiteSpec(_Strict):
@@ -265,6 +269,8 @@ class PathSiteSpec(_Strict):
     label_regime: LabelRegime = LabelRegime.MASK
     epsilon: float | None = Field(default=None, gt=0.0)
     attack: Attack = Attack.NONE
+    drop_rounds: tuple[int, ...] = ()  # simulation only: the site is unreachable these rounds
+    drop_seconds: float = Field(default=120.0, gt=0.0)  # ... stalling this long (> round timeout)
 
 
 SiteSpec = Annotated[
@@ -353,6 +359,10 @@ class SiteConfig(_Strict):
     torch_threads: int = Field(default=1, ge=1)
     # Simulation only: make this site's replies misbehave (robustness tests).
     attack: Attack = Attack.NONE
+    # Simulation only: in these rounds the site does not answer in time (it
+    # stalls for drop_seconds, past the server's round timeout), then rejoins.
+    drop_rounds: tuple[int, ...] = ()
+    drop_seconds: float = Field(default=120.0, gt=0.0)
 
 
 # --------------------------------------------------------------------------

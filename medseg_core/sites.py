@@ -87,6 +87,8 @@ def materialise_site(
         seed=scenario.seed,
         torch_threads=scenario.simulation.torch_threads,
         attack=spec.attack,
+        drop_rounds=spec.drop_rounds,
+        drop_seconds=spec.drop_seconds,
     )
     write_site_config(site, workdir / "sites" / spec.id / "site.yaml")
     return site
