@@ -31,8 +31,8 @@ NEW_SITE = {"id": "new-hospital", "n_train": 200, "n_test": 30, "lesion_prevalen
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="output directory of a medseg simulate run")
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=5e-3)
     args = ap.parse_args()
     run = Path(args.run)
     scenario = parse_model(ScenarioConfig, json.loads((run / "scenario.json").read_text()))
@@ -41,6 +41,9 @@ def main() -> None:
     ck = run / "server" / "checkpoints" / f"round_{rnd:04d}"
     spec = parse_model(SyntheticSiteSpec, NEW_SITE)
     site = materialise_site(spec, scenario, run / "tta", dp_enabled=False)
+    import shutil
+
+    shutil.rmtree(site.state_dir, ignore_errors=True)  # a hospital that never trained
     site_yaml = run / "tta" / "sites" / spec.id / "site.yaml"
     out = subprocess.run(
         [sys.executable, "-m", "simulations.cli", "adapt", "--site", str(site_yaml),

@@ -253,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("adapt", help="test-time adaptation of a site that never trained")
     a.add_argument("--site", required=True, help="the site's private site.yaml")
     a.add_argument("--checkpoint", required=True, help="a global model checkpoint directory")
-    a.add_argument("--epochs", type=int, default=2, help="passes over the unlabeled images")
-    a.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    a.add_argument("--epochs", type=int, default=5, help="passes over the unlabeled images")
+    a.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
     a.add_argument("--min-component-voxels", type=int, default=0,
                    help="post-processing for the before/after test Dice")
     a.set_defaults(func=_cmd_adapt)
