@@ -72,51 +72,80 @@ def _stop(p: subprocess.Popen) -> None:
                 pass
 
 
-def test_tls_federation_with_registered_nodes(tmp_path: Path) -> None:
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(SCENARIO)
-    scenario = load_scenario(cfg)
-    site_yaml = {}
-    for spec in scenario.sites:  # each hospital's own data and private site.yaml
-        materialise_site(spec, scenario, tmp_path / "hospitals")
-        site_yaml[spec.id] = tmp_path / "hospitals" / "sites" / spec.id / "site.yaml"
-    certs = tmp_path / "certs"
-    subprocess.run(_medseg("certs", "--out", str(certs), "--san", "127.0.0.1", "--node", "site-a",
-                           "--node", "site-b", "--node", "intruder"), check=True, env=env)
-    port, work = _free_port(), tmp_path / "server"
-    procs: list[subprocess.Popen] = []
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
-    def spawn(cmd: list[str], log: str) -> subprocess.Popen:
-        fh = open(tmp_path / log, "wb")  # noqa: SIM115
-        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+
+class _Deployment:
+    """Certificates, hospitals' sites, and the processes of one federation on 127.0.0.1."""
+
+    def __init__(self, tmp: Path, scenario_text: str, extra_nodes: tuple[str, ...] = ()) -> None:
+        self.tmp, self.cfg = tmp, tmp / "run.yaml"
+        self.cfg.write_text(scenario_text)
+        scenario = load_scenario(self.cfg)
+        self.site_yaml: dict[str, Path] = {}
+        for spec in scenario.sites:  # each hospital's own data and private site.yaml
+            materialise_site(spec, scenario, tmp / "hospitals")
+            self.site_yaml[spec.id] = tmp / "hospitals" / "sites" / spec.id / "site.yaml"
+        self.certs = tmp / "certs"
+        nodes = [a for sid in (*self.site_yaml, *extra_nodes) for a in ("--node", sid)]
+        subprocess.run(_medseg("certs", "--out", str(self.certs), "--san", "127.0.0.1", *nodes),
+                       check=True, env=ENV)
+        self.port, self.work = _free_port(), tmp / "server"
+        self.procs: list[subprocess.Popen] = []
+        self.server_cmd = _medseg("server", "--config", str(self.cfg), "--certs", str(self.certs),
+                                  "--port", str(self.port), "--workdir", str(self.work),
+                                  "--wait", "300")
+
+    def spawn(self, cmd: list[str], log: str) -> subprocess.Popen:
+        fh = open(self.tmp / log, "ab")  # noqa: SIM115 - owned by the child
+        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=ENV,
                              start_new_session=True)
-        procs.append(p)
+        self.procs.append(p)
         return p
 
-    try:
-        server = spawn(_medseg("server", "--config", str(cfg), "--certs", str(certs), "--port",
-                               str(port), "--workdir", str(work), "--wait", "300"), "server.log")
-        _wait_port(port)
+    def start_server(self, *extra: str, log: str = "server.log") -> subprocess.Popen:
+        return self.spawn(self.server_cmd + list(extra), log)
+
+    def register(self) -> None:
+        _wait_port(self.port)
         time.sleep(2)  # the connection file is written right after the port opens
+        for sid in self.site_yaml:
+            subprocess.run(_medseg("nodes", "add", str(self.certs / "nodes" / f"{sid}.pub"),
+                                   "--workdir", str(self.work)), check=True, env=ENV, timeout=120)
+
+    def client(self, site: str, key: str | None, log: str, *, insecure: bool = False) -> subprocess.Popen:
+        cmd = ["client", "--site", str(self.site_yaml[site]), "--server", f"127.0.0.1:{self.port}",
+               "--port", str(_free_port()), "--state", str(self.tmp / f"{log}-home")]
+        cmd += ["--insecure"] if insecure else ["--ca", str(self.certs / "ca.crt")]
+        if key is not None:
+            cmd += ["--key", str(self.certs / "nodes" / key)]
+        return self.spawn(_medseg(*cmd), log)
+
+    def log(self, name: str) -> str:
+        return (self.tmp / name).read_text(errors="replace")
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            _stop(p)
+        try:
+            os.killpg(int((self.work / "superlink.pid").read_text()), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
+
+
+def test_tls_federation_with_registered_nodes(tmp_path: Path) -> None:
+    d = _Deployment(tmp_path, SCENARIO, extra_nodes=("intruder",))
+    try:
+        server = d.start_server()
+        d.register()
+        d.client("site-a", "intruder", "intruder.log")  # a key nobody registered
+        d.client("site-b", None, "notls.log", insecure=True)  # no TLS
         for sid in ("site-a", "site-b"):
-            subprocess.run(_medseg("nodes", "add", str(certs / "nodes" / f"{sid}.pub"),
-                                   "--workdir", str(work)), check=True, env=env, timeout=120)
-        intruder = spawn(_medseg("client", "--site", str(site_yaml["site-a"]), "--server",
-                                 f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"), "--key",
-                                 str(certs / "nodes" / "intruder"), "--port", str(_free_port()),
-                                 "--state", str(tmp_path / "intruder-home")), "intruder.log")
-        no_tls = spawn(_medseg("client", "--site", str(site_yaml["site-b"]), "--server",
-                               f"127.0.0.1:{port}", "--insecure", "--port", str(_free_port()),
-                               "--state", str(tmp_path / "notls-home")), "notls.log")
-        for sid in ("site-a", "site-b"):
-            spawn(_medseg("client", "--site", str(site_yaml[sid]), "--server", f"127.0.0.1:{port}",
-                          "--ca", str(certs / "ca.crt"), "--key", str(certs / "nodes" / sid),
-                          "--port", str(_free_port()), "--state", str(tmp_path / f"{sid}-home")),
-                  f"{sid}.log")
+            d.client(sid, sid, f"{sid}.log")
         rc = server.wait(timeout=900)
-        assert rc == 0, (tmp_path / "server.log").read_text()[-3000:] + (
-            work / "run.log").read_text(errors="replace")[-3000:]
+        work = d.work
+        assert rc == 0, d.log("server.log")[-3000:] + (work / "run.log").read_text(
+            errors="replace")[-3000:]
         fed = json.loads((work / "server" / "federated.json").read_text())
         assert set(fed["sites"]) == {"site-a", "site-b"}
         for r in fed["sites"].values():
@@ -127,18 +156,15 @@ def test_tls_federation_with_registered_nodes(tmp_path: Path) -> None:
             assert all(r["n_accepted"] == 2 for r in rounds)
         # the site configs never left the sites: the server's files do not name them
         server_text = "".join(p.read_text(errors="replace") for p in work.rglob("*.json"))
-        assert str(site_yaml["site-a"].parent) not in server_text
+        assert str(d.site_yaml["site-a"].parent) not in server_text
         # an unregistered key and a node without TLS never joined
-        intruder_log = (tmp_path / "intruder.log").read_text(errors="replace")
-        notls_log = (tmp_path / "notls.log").read_text(errors="replace")
+        intruder_log, notls_log = d.log("intruder.log"), d.log("notls.log")
         assert "SuperNode ID" not in intruder_log, intruder_log[-2000:]
         assert "Failed to activate SuperNode" in intruder_log, intruder_log[-2000:]
         assert "SuperNode ID" not in notls_log, notls_log[-2000:]
         assert "Connection attempt failed" in notls_log, notls_log[-2000:]
-        del intruder, no_tls
     finally:
-        for p in reversed(procs):
-            _stop(p)
+        d.stop_all()
 
 
 def _ledger_rows(db: Path) -> list[tuple]:
@@ -150,44 +176,17 @@ def _ledger_rows(db: Path) -> list[tuple]:
 
 def test_kill_9_server_and_resume(tmp_path: Path) -> None:
     """kill -9 the server mid-run; `medseg server --resume` finishes the same run."""
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(SCENARIO.replace("rounds: 2", "rounds: 3"))
-    scenario = load_scenario(cfg)
-    site_yaml = {}
-    for spec in scenario.sites:
-        materialise_site(spec, scenario, tmp_path / "hospitals")
-        site_yaml[spec.id] = tmp_path / "hospitals" / "sites" / spec.id / "site.yaml"
-    certs = tmp_path / "certs"
-    subprocess.run(_medseg("certs", "--out", str(certs), "--san", "127.0.0.1", "--node", "site-a",
-                           "--node", "site-b"), check=True, env=env)
-    port, work = _free_port(), tmp_path / "server"
-    procs: list[subprocess.Popen] = []
-
-    def spawn(cmd: list[str], log: str) -> subprocess.Popen:
-        fh = open(tmp_path / log, "ab")  # noqa: SIM115
-        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                             start_new_session=True)
-        procs.append(p)
-        return p
-
-    server_cmd = _medseg("server", "--config", str(cfg), "--certs", str(certs), "--port", str(port),
-                         "--workdir", str(work), "--wait", "300")
+    d = _Deployment(tmp_path, SCENARIO.replace("rounds: 2", "rounds: 3"))
+    work = d.work
     try:
-        server = spawn(server_cmd, "server.log")
-        _wait_port(port)
-        time.sleep(2)
+        server = d.start_server()
+        d.register()
         for sid in ("site-a", "site-b"):
-            subprocess.run(_medseg("nodes", "add", str(certs / "nodes" / f"{sid}.pub"),
-                                   "--workdir", str(work)), check=True, env=env, timeout=120)
-            spawn(_medseg("client", "--site", str(site_yaml[sid]), "--server", f"127.0.0.1:{port}",
-                          "--ca", str(certs / "ca.crt"), "--key", str(certs / "nodes" / sid),
-                          "--port", str(_free_port()), "--state", str(tmp_path / f"{sid}-home")),
-                  f"{sid}.log")
+            d.client(sid, sid, f"{sid}.log")
         first = work / "server" / "checkpoints" / "round_0001"
         deadline = time.monotonic() + 600
         while not (first / "meta.json").is_file():
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert server.poll() is None, d.log("server.log")[-3000:]
             assert time.monotonic() < deadline, "round 1 never completed"
             time.sleep(0.5)
         # kill -9 the aggregator: medseg server, the SuperLink and the ServerApp under it
@@ -204,10 +203,10 @@ def test_kill_9_server_and_resume(tmp_path: Path) -> None:
         assert before and {r[0] for r in before} == {run_name}
         assert max(r[2] for r in before) in (1, 2)  # killed mid-run
 
-        resumed = spawn(server_cmd + ["--resume"], "server-resumed.log")
+        resumed = d.start_server("--resume", log="server-resumed.log")
         rc = resumed.wait(timeout=900)
-        assert rc == 0, (tmp_path / "server-resumed.log").read_text()[-3000:] + (
-            work / "run.log").read_text(errors="replace")[-3000:]
+        assert rc == 0, d.log("server-resumed.log")[-3000:] + (work / "run.log").read_text(
+            errors="replace")[-3000:]
         after = _ledger_rows(db)
         assert set(before) <= set(after)  # nothing lost, nothing rewritten
         keys = [(r[1], r[2]) for r in after]
@@ -222,9 +221,4 @@ def test_kill_9_server_and_resume(tmp_path: Path) -> None:
             eps = [r[3] for r in after if r[1] == sid]
             assert eps == sorted(eps)
     finally:
-        for p in reversed(procs):
-            _stop(p)
-        try:
-            os.killpg(int((work / "superlink.pid").read_text()), signal.SIGKILL)
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            pass
+        d.stop_all()

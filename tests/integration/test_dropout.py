@@ -8,14 +8,12 @@ round 2 in time (``drop_rounds: [2]``: it stalls past the server's
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from medseg_core.store import RunStore
+from _runner import simulate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,15 +33,7 @@ strategy: {round_timeout_s: 50, min_train_nodes: 1}
 
 
 def test_dropped_site_does_not_stall_and_rejoins(tmp_path: Path) -> None:
-    cfg = tmp_path / "d.yaml"
-    cfg.write_text(SCENARIO)
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "simulate", "--config", str(cfg), "--out", str(out)],
-        capture_output=True, text=True, timeout=900, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    summary = json.loads((out / "summary.json").read_text())
+    out, summary, _ = simulate(tmp_path, SCENARIO)
     run_id = summary["federated"]["run_id"]
     with RunStore(out / "server" / "runstore.sqlite") as store:
         rounds = {r["round"]: r for r in store.rounds(run_id)}

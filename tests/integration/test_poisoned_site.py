@@ -7,9 +7,6 @@ aggregate the two honest updates only and produce a finite global model.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ import pytest
 
 from medseg_core.checkpoint import latest_checkpoint, load_checkpoint
 from medseg_core.store import RunStore
+from _runner import simulate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,15 +34,7 @@ privacy: {enabled: false}
 
 
 def test_nan_update_rejected_logged_and_excluded(tmp_path: Path) -> None:
-    cfg = tmp_path / "p.yaml"
-    cfg.write_text(SCENARIO)
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "simulate", "--config", str(cfg), "--out", str(out)],
-        capture_output=True, text=True, timeout=600, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    summary = json.loads((out / "summary.json").read_text())
+    out, summary, _ = simulate(tmp_path, SCENARIO)
     assert summary["federated"]["rejected_updates"] == 1
     with RunStore(out / "server" / "runstore.sqlite") as store:
         run_id = summary["federated"]["run_id"]

@@ -3,12 +3,11 @@ simulation engine, with ``--compare`` (the same sites given full masks)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from _runner import simulate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,16 +27,7 @@ privacy: {enabled: true, epsilon: 8.0}
 
 
 def test_mixed_regime_federation_with_compare(tmp_path: Path) -> None:
-    cfg = tmp_path / "weak.yaml"
-    cfg.write_text(SCENARIO)
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "simulate", "--config", str(cfg),
-         "--out", str(out), "--compare"],
-        capture_output=True, text=True, timeout=900, check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    s = json.loads((out / "summary.json").read_text())
+    _, s, stdout = simulate(tmp_path, SCENARIO, "--compare")
     per = s["federated"]["per_site"]
     assert per["masks"]["label_regime"] == "mask" and per["reports"]["label_regime"] == "image"
     for sid in ("masks", "reports"):
@@ -50,4 +40,4 @@ def test_mixed_regime_federation_with_compare(tmp_path: Path) -> None:
     full = cmp["full_masks"]["per_site"]["reports"]
     assert full["label_regime"] == "mask"
     assert cmp["weak_over_full"]["reports"] == pytest.approx(per["reports"]["dice"] / full["dice"])
-    assert "weak-label Dice / full-mask Dice" in proc.stdout
+    assert "weak-label Dice / full-mask Dice" in stdout

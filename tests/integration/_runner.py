@@ -1,0 +1,24 @@
+"""Shared runner for the integration tests: the real `medseg simulate` CLI in
+a subprocess (its own Ray, private FLWR_HOME and RAY_TMPDIR)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def simulate(tmp_path: Path, scenario_text: str, *extra: str) -> tuple[Path, dict[str, Any], str]:
+    """Run ``medseg simulate`` on a scenario; returns (out dir, summary, stdout)."""
+    cfg = tmp_path / "scenario.yaml"
+    cfg.write_text(scenario_text)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.cli", "simulate", "--config", str(cfg),
+         "--out", str(out), *extra],
+        capture_output=True, text=True, timeout=1200, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out, json.loads((out / "summary.json").read_text()), proc.stdout
