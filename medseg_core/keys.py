@@ -21,7 +21,8 @@ PROXIMAL_MU = "proximal-mu"
 EVAL_SPLIT = "split"  # "val" or "test"
 RUN_NAME = "run-name"
 MODEL_ROUND = "model-round"
-AUC = "auc"  # image/bag-level ROC AUC on the site's test split  # the round whose global model an evaluate message carries
+AUC = "auc"  # image/bag-level ROC AUC on the site's test split
+EMPTY_DICE = "empty-dice"  # Dice an all-background prediction would score on that split  # the round whose global model an evaluate message carries
 MIN_COMPONENT_VOXELS = "min-component-voxels"
 
 # MetricRecord keys sent by clients

@@ -62,6 +62,7 @@ class SiteResult:
     n_train: int | None = None
     label_regime: str | None = None
     bag_auc: float | None = None
+    dice_empty_baseline: float | None = None
 
 
 @dataclass
@@ -322,6 +323,7 @@ def _evaluate(
         dice, n = float(m[keys.DICE]), int(m[keys.NUM_EXAMPLES])
         hd = float(s.get(keys.HD95, math.nan))
         auc = float(s.get(keys.AUC, math.nan))
+        empty = float(s.get(keys.EMPTY_DICE, math.nan))
         # n == 0: the site has no masks on this split (image-level labels only)
         store.add_site_metrics(run_id, rnd, site, phase="evaluate", split=split,
                                num_examples=n, dice=dice if n else None,
@@ -332,5 +334,6 @@ def _evaluate(
                 dice=dice if n else None, hd95=hd if math.isfinite(hd) else None,
                 n_train=int(s.get(keys.N_TRAIN, 0)), label_regime=str(s.get(keys.LABEL_REGIME, "")),
                 bag_auc=auc if math.isfinite(auc) else None,
+                dice_empty_baseline=empty if math.isfinite(empty) else None,
             )
     return num / den if den else None

@@ -113,7 +113,7 @@ def _train_arm(
 
 def _score(scenario: ScenarioConfig, state: dict[str, np.ndarray], sess: SiteSession) -> dict:
     m = sess.evaluate(state, "test", min_component_voxels=scenario.evaluation.min_component_voxels)
-    out: dict = {"dice": m.dice, "hd95": m.hd95}
+    out: dict = {"dice": m.dice, "hd95": m.hd95, "dice_empty_baseline": m.empty_dice}
     if m.auc is not None:
         out["bag_auc"] = m.auc
     return out

@@ -143,7 +143,8 @@ def run_simulate(scenario: ScenarioConfig, opts: SimulationOptions) -> dict[str,
             "per_site": {
                 sid: {"dice": r["dice"], "epsilon": r["epsilon"], "n_train": r["n_train"],
                       "hd95": r["hd95"], "label_regime": r["label_regime"],
-                      **({"bag_auc": r["bag_auc"]} if r.get("bag_auc") is not None else {})}
+                      **({"bag_auc": r["bag_auc"]} if r.get("bag_auc") is not None else {}),
+                      "dice_empty_baseline": r.get("dice_empty_baseline")}
                 for sid, r in fed["sites"].items()
             },
             "rejected_updates": fed["rejected"],
@@ -246,8 +247,10 @@ def format_table(summary: dict[str, Any]) -> str:
     if cmp:
         for sid, r in cmp["weak_over_full"].items():
             full = cmp["full_masks"]["per_site"].get(sid, {}).get("dice")
+            empty = summary["federated"]["per_site"].get(sid, {}).get("dice_empty_baseline")
             lines.append(f"{sid}: weak-label Dice / full-mask Dice = "
                          f"{'-' if r is None else f'{r:.3f}'} (full masks: "
-                         f"{'-' if full is None else f'{full:.4f}'})")
+                         f"{'-' if full is None else f'{full:.4f}'}; an all-background "
+                         f"prediction would score {'-' if empty is None else f'{empty:.3f}'})")
     lines.append(f"wall time {summary['wall_seconds']:.1f} s")
     return "\n".join(lines)

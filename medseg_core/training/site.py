@@ -87,6 +87,9 @@ class SiteEval:
     hd95: float | None
     n_dice: int
     auc: float | None = None
+    # Dice an all-background prediction would score (the fraction of scored
+    # cases without a lesion: an empty case predicted empty scores 1)
+    empty_dice: float | None = None
 
 
 def _outcome_from_cache(shared: dict[str, np.ndarray], stats: dict) -> RoundOutcome:
@@ -509,10 +512,14 @@ class SiteSession:
         model = build_segmenter(self.model_cfg, self.data_cfg)
         load_state(model, self.full_state(state, run_name, model_round))
         masked = _cases_with_masks(data)
-        seg = None
+        seg, empty = None, None
         if masked is not None:
             seg = evaluate_state(model, None, masked, num_classes=self.data_cfg.num_classes,
                                  min_component_voxels=min_component_voxels)
+            has_fg = torch.zeros(len(masked.case_ids), dtype=torch.int64).scatter_reduce(
+                0, masked.case_index, (masked.labels.flatten(1) > 0).any(dim=1).long(),
+                reduce="amax", include_self=False)
+            empty = float((has_fg == 0).float().mean())
         auc = float("nan")
         if split == "test" and len(data):
             case_cls = torch.full((len(data.case_ids),), -1, dtype=torch.int64).scatter_reduce(
@@ -525,6 +532,7 @@ class SiteSession:
             dice=None if seg is None else float(seg.dice),
             hd95=None if seg is None or not np.isfinite(seg.hd95) else float(seg.hd95),
             n_dice=0 if masked is None else len(masked), auc=None if np.isnan(auc) else auc,
+            empty_dice=empty,
         )
 
     def _append_ledger(

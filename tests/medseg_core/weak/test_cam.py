@@ -234,3 +234,11 @@ def test_site_with_class_only_test_cases_is_scored_by_auc_alone(tmp_path: Path) 
     res = sess.evaluate(glob, "test")
     assert res.dice is None and res.hd95 is None and res.n_dice == 0
     assert res.auc is not None and 0.0 <= res.auc <= 1.0
+
+
+def test_evaluation_reports_what_an_empty_prediction_would_score(tmp_path: Path) -> None:
+    sess = _site(tmp_path, label_regime="image", lesion_prevalence=0.5, n_test=6)
+    glob = {k: v.detach().numpy() for k, v in
+            build_segmenter(sess.model_cfg, sess.data_cfg).state_dict().items()}
+    res = sess.evaluate(glob, "test")
+    assert res.empty_dice == pytest.approx(0.5)  # 3 of 6 test cases have no lesion
