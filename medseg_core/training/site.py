@@ -33,7 +33,7 @@ from medseg_core.adaptation.tta import TTAResult, adapt_unlabeled
 from medseg_core.config import DataConfig, LabelRegime, ModelConfig, SiteConfig, WeakConfig
 from medseg_core.data.integrity import require_valid_site
 from medseg_core.data.slices import SliceSet, load_slices, split_cases
-from medseg_core.metrics import SegMetrics, case_scores, roc_auc
+from medseg_core.metrics import SegMetrics
 from medseg_core.errors import DataIntegrityError, PrivacyBudgetExceeded
 from medseg_core.weak import BagSet, WeakSettings, bags_from_slices, check_bags
 from medseg_core.privacy.accountant import (
@@ -43,6 +43,7 @@ from medseg_core.privacy.accountant import (
     save_accountant,
 )
 from medseg_core.privacy.budget import FIX_HINT, RoundPrivacyPlan, plan_round
+from medseg_core.training.evaluation import SiteEval, evaluate_split
 from medseg_core.training.replay import ReplyCache, state_digest
 from medseg_core.training.session import (
     FitResult,
@@ -77,21 +78,6 @@ class RoundRequest:
     min_component_voxels: int = 0
 
 
-@dataclass(frozen=True)
-class SiteEval:
-    """A site's evaluation: Dice/HD95 over its cases with masks (None if it
-    has none), the number of slices they cover, and the image-level AUC
-    (None unless both classes occur)."""
-
-    dice: float | None
-    hd95: float | None
-    n_dice: int
-    auc: float | None = None
-    # Dice an all-background prediction would score (the fraction of scored
-    # cases without a lesion: an empty case predicted empty scores 1)
-    empty_dice: float | None = None
-
-
 def _outcome_from_cache(shared: dict[str, np.ndarray], stats: dict) -> RoundOutcome:
     """A stored reply as a :class:`RoundOutcome` (see :mod:`.replay`)."""
     val = stats.get("val")
@@ -104,15 +90,6 @@ def _outcome_from_cache(shared: dict[str, np.ndarray], stats: dict) -> RoundOutc
         privacy=None if stats.get("privacy") is None else RoundPrivacyPlan(**stats["privacy"]),
         epsilon=None if stats.get("epsilon") is None else float(stats["epsilon"]),
     )
-
-
-def _cases_with_masks(data: SliceSet) -> SliceSet | None:
-    """The cases of ``data`` that have masks, or None."""
-    if data.labels is None:
-        return None
-    has = data.has_mask
-    keep = sorted({int(c) for c in data.case_index[has].tolist()})
-    return data.subset(keep) if keep else None
 
 
 @dataclass(frozen=True)
@@ -508,32 +485,11 @@ class SiteSession:
         (test split) on the cases with a known ``class``, scored by the
         maximum foreground probability over the case.
         """
-        data = self.split_set(split)
         model = build_segmenter(self.model_cfg, self.data_cfg)
         load_state(model, self.full_state(state, run_name, model_round))
-        masked = _cases_with_masks(data)
-        seg, empty = None, None
-        if masked is not None:
-            seg = evaluate_state(model, None, masked, num_classes=self.data_cfg.num_classes,
-                                 min_component_voxels=min_component_voxels)
-            has_fg = torch.zeros(len(masked.case_ids), dtype=torch.int64).scatter_reduce(
-                0, masked.case_index, (masked.labels.flatten(1) > 0).any(dim=1).long(),
-                reduce="amax", include_self=False)
-            empty = float((has_fg == 0).float().mean())
-        auc = float("nan")
-        if split == "test" and len(data):
-            case_cls = torch.full((len(data.case_ids),), -1, dtype=torch.int64).scatter_reduce(
-                0, data.case_index, data.classes, reduce="amax", include_self=False)
-            known = case_cls >= 0
-            if bool(known.any()):
-                scores = case_scores(model, data.images, data.case_index)
-                auc = roc_auc(scores[known], case_cls[known])
-        return SiteEval(
-            dice=None if seg is None else float(seg.dice),
-            hd95=None if seg is None or not np.isfinite(seg.hd95) else float(seg.hd95),
-            n_dice=0 if masked is None else len(masked), auc=None if np.isnan(auc) else auc,
-            empty_dice=empty,
-        )
+        return evaluate_split(model, self.split_set(split), num_classes=self.data_cfg.num_classes,
+                              min_component_voxels=min_component_voxels,
+                              with_auc=split == "test")
 
     def _append_ledger(
         self, req: RoundRequest, plan: RoundPrivacyPlan, epsilon: float, steps: int

@@ -1,0 +1,76 @@
+"""A site's evaluation of a model on one split: Dice/HD95 where cases have
+masks, image-level AUC where they have a ``class``, and what an
+all-background prediction would score (to read a collapsed model's Dice)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from medseg_core.data.slices import SliceSet
+from medseg_core.metrics import case_scores, roc_auc
+from medseg_core.training.session import evaluate_state
+
+__all__ = ["SiteEval", "evaluate_split"]
+
+
+@dataclass(frozen=True)
+class SiteEval:
+    """A site's evaluation: Dice/HD95 over its cases with masks (None if it
+    has none), the number of slices they cover, and the image-level AUC
+    (None unless both classes occur)."""
+
+    dice: float | None
+    hd95: float | None
+    n_dice: int
+    auc: float | None = None
+    # Dice an all-background prediction would score (the fraction of scored
+    # cases without a lesion: an empty case predicted empty scores 1)
+    empty_dice: float | None = None
+
+
+def _cases_with_masks(data: SliceSet) -> SliceSet | None:
+    """The cases of ``data`` that have masks, or None."""
+    if data.labels is None:
+        return None
+    has = data.has_mask
+    keep = sorted({int(c) for c in data.case_index[has].tolist()})
+    return data.subset(keep) if keep else None
+
+
+def evaluate_split(
+    model: nn.Module, data: SliceSet, *, num_classes: int, min_component_voxels: int = 0,
+    with_auc: bool = False,
+) -> SiteEval:
+    """Score ``model`` (weights loaded) on ``data``.
+
+    Dice/HD95 over the cases with masks; with ``with_auc``, the image-level
+    AUC over the cases with a known ``class``, scored by the maximum
+    foreground probability over the case.
+    """
+    masked = _cases_with_masks(data)
+    seg, empty = None, None
+    if masked is not None:
+        seg = evaluate_state(model, None, masked, num_classes=num_classes,
+                             min_component_voxels=min_component_voxels)
+        has_fg = torch.zeros(len(masked.case_ids), dtype=torch.int64).scatter_reduce(
+            0, masked.case_index, (masked.labels.flatten(1) > 0).any(dim=1).long(),
+            reduce="amax", include_self=False)
+        empty = float((has_fg == 0).float().mean())
+    auc = float("nan")
+    if with_auc and len(data):
+        case_cls = torch.full((len(data.case_ids),), -1, dtype=torch.int64).scatter_reduce(
+            0, data.case_index, data.classes, reduce="amax", include_self=False)
+        known = case_cls >= 0
+        if bool(known.any()):
+            scores = case_scores(model, data.images, data.case_index)
+            auc = roc_auc(scores[known], case_cls[known])
+    return SiteEval(
+        dice=None if seg is None else float(seg.dice),
+        hd95=None if seg is None or not np.isfinite(seg.hd95) else float(seg.hd95),
+        n_dice=0 if masked is None else len(masked), auc=None if np.isnan(auc) else auc,
+        empty_dice=empty,
+    )
