@@ -4,9 +4,12 @@ Runs one scenario (default: the quick one, 2 sites x 2 rounds) twice, back
 to back on this machine: ``medseg simulate`` (Ray) and a real deployment on
 127.0.0.1 (``medseg certs`` -> ``medseg server`` with TLS + SuperNode
 authentication -> ``medseg nodes add`` -> one ``medseg client`` per site).
-Prints the server's federation loop time (rounds + evaluations, from
-``federated.json``) for both and their ratio, plus the end-to-end wall time
-including process start-up.
+The deployment runs twice: with Flower's default isolation (``medseg client
+--cold``: a fresh ``flwr-clientapp`` process, cold torch import, per message)
+and with medseg's warm fork-server executor (the default). Prints the
+server's federation loop time (rounds + evaluations, from
+``federated.json``) for each, the ratios to simulation and warm / cold, plus
+the end-to-end wall time including process start-up.
 
     .venv/bin/python benchmarks/deploy_vs_sim.py [--config simulations/configs/quick.yaml]
 """
@@ -53,6 +56,9 @@ def _wait_port(port: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "simulations" / "configs" / "quick.yaml"))
+    ap.add_argument("--arms", nargs="+", choices=["cold", "warm"], default=["cold", "warm"],
+                    help="deployments to run: Flower's default per-message ClientApp process "
+                         "(cold) and medseg's warm fork-server executor (warm)")
     args = ap.parse_args()
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     tmp = Path(tempfile.mkdtemp(prefix="deploybench"))
@@ -68,17 +74,44 @@ def main() -> None:
     for spec in scenario.sites:
         materialise_site(spec, scenario, tmp / "hospitals")
         sites[spec.id] = tmp / "hospitals" / "sites" / spec.id / "site.yaml"
-    certs, work, port = tmp / "certs", tmp / "server", _port()
+    certs = tmp / "certs"
     nodes = [a for sid in sites for a in ("--node", sid)]
     subprocess.run(_medseg("certs", "--out", str(certs), "--san", "127.0.0.1", *nodes),
                    check=True, env=env, stdout=subprocess.DEVNULL)
+    arms = {}
+    for arm in args.arms:
+        arms[arm] = _deploy(args.config, tmp / arm, sites, certs, env, cold=arm == "cold")
+
+    n = scenario.rounds
+    print(f"scenario {args.config}: {len(sites)} sites x {n} rounds")
+    print(f"  simulation  (Ray):                       federation loop {sim_loop:7.1f} s "
+          f"({sim_loop / n:.1f} s/round), end to end {sim_total:.1f} s")
+    for arm, (loop, total) in arms.items():
+        label = {"cold": "deployment, Flower default (cold)", "warm": "deployment, warm executor"}[arm]
+        print(f"  {label:<39}: federation loop {loop:7.1f} s ({loop / n:.1f} s/round), "
+              f"end to end {total:.1f} s")
+    for arm, (loop, _) in arms.items():
+        print(f"  deployment ({arm}) / simulation round time: {loop / sim_loop:.2f}x")
+    if {"cold", "warm"} <= set(arms):
+        print(f"  warm / cold deployment round time: {arms['warm'][0] / arms['cold'][0]:.2f}x")
+
+
+def _deploy(config: str, tmp: Path, sites: dict, certs: Path, env: dict, *, cold: bool,
+            kill_after: int | None = None) -> tuple[float, float]:
+    """One deployment on 127.0.0.1 (TLS + node auth); (federation loop s, end-to-end s).
+
+    With ``kill_after=k`` the aggregator (``medseg server``, its SuperLink and
+    ServerApp) is killed with SIGKILL as soon as round k's checkpoint exists,
+    then restarted with ``--resume``; the sites keep running.
+    """
+    work, port = tmp / "server", _port()
     procs = []
+    server_cmd = _medseg("server", "--config", config, "--certs", str(certs), "--port", str(port),
+                         "--workdir", str(work))
     t0 = time.perf_counter()
     try:
-        server = subprocess.Popen(_medseg("server", "--config", args.config, "--certs", str(certs),
-                                          "--port", str(port), "--workdir", str(work)),
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  start_new_session=True)
+        server = subprocess.Popen(server_cmd, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
         procs.append(server)
         _wait_port(port)
         time.sleep(2)
@@ -88,23 +121,34 @@ def main() -> None:
             procs.append(subprocess.Popen(
                 _medseg("client", "--site", str(sites[sid]), "--server", f"127.0.0.1:{port}",
                         "--ca", str(certs / "ca.crt"), "--key", str(certs / "nodes" / sid),
-                        "--port", str(_port()), "--state", str(tmp / f"{sid}-home")),
+                        "--port", str(_port()), "--state", str(tmp / f"{sid}-home"),
+                        *(["--cold"] if cold else [])),
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        if kill_after is not None:
+            marker = work / "server" / "checkpoints" / f"round_{kill_after:04d}" / "meta.json"
+            while not marker.is_file():
+                if server.poll() is not None:
+                    raise SystemExit(f"the run ended before round {kill_after}; see {work / 'run.log'}")
+                time.sleep(0.2)
+            for pgid in (server.pid, int((work / "superlink.pid").read_text())):
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            server.wait()
+            server = subprocess.Popen([*server_cmd, "--resume"], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True)
+            procs.append(server)
         if server.wait(timeout=1800) != 0:
             raise SystemExit(f"deployment run failed; see {work / 'run.log'}")
-        dep_total = time.perf_counter() - t0
-        dep_loop = json.loads((work / "server" / "federated.json").read_text())["wall_seconds"]
+        total = time.perf_counter() - t0
+        loop = json.loads((work / "server" / "federated.json").read_text())["wall_seconds"]
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
-    n = scenario.rounds
-    print(f"scenario {args.config}: {len(sites)} sites x {n} rounds")
-    print(f"  simulation  (Ray):                federation loop {sim_loop:7.1f} s "
-          f"({sim_loop / n:.1f} s/round), end to end {sim_total:.1f} s")
-    print(f"  deployment  (TLS + node auth):    federation loop {dep_loop:7.1f} s "
-          f"({dep_loop / n:.1f} s/round), end to end {dep_total:.1f} s")
-    print(f"  deployment / simulation round time: {dep_loop / sim_loop:.2f}x")
+        time.sleep(2)
+    return loop, total
 
 
 if __name__ == "__main__":

@@ -119,7 +119,16 @@ def _site_of(msg: Message, node_sites: dict[int, str]) -> str:
 
 
 def _send(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+    """Send one phase of a round and collect the replies that arrive within ``timeout``.
+
+    Each message lives only as long as the round waits for it (Flower's
+    default TTL is 12 h): a site that was down during the round never
+    receives it later, so a rejoining site does not spend privacy budget on a
+    round the server has already closed.
+    """
     msgs = list(messages)
+    for m in msgs:
+        m.metadata.ttl = float(timeout)
     return list(grid.send_and_receive(msgs, timeout=timeout)) if msgs else []
 
 

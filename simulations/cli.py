@@ -197,8 +197,12 @@ def _cmd_client(args: argparse.Namespace) -> int:
     )
     home = Path(args.state or Path(args.site).resolve().parent / "flwr-home")
     print(f"starting SuperNode for {args.site} -> {args.server}", flush=True)
-    os.execve(cmd[0], cmd, deploy.deploy_env(home))
-    return 0  # pragma: no cover - execve does not return
+    if args.cold:  # Flower's default: a fresh flwr-clientapp process per message
+        os.execve(cmd[0], cmd, deploy.deploy_env(home))
+    from client import warm
+
+    return warm.run_site(cmd, deploy.deploy_env(home), port=args.port,
+                         secret_file=home / "superexec.secret")
 
 
 def _cmd_make_site(args: argparse.Namespace) -> int:
@@ -299,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's API")
     cl.add_argument("--state", default=None, help="Flower's home for this SuperNode")
     cl.add_argument("--insecure", action="store_true", help="NO TLS (development only)")
+    cl.add_argument("--cold", action="store_true",
+                    help="Flower's default isolation: a new ClientApp process (cold torch import) "
+                         "per message, instead of the warm fork-server executor")
     cl.set_defaults(func=_cmd_client)
 
     ms = sub.add_parser("make-site", help="write one site of a scenario (data + site.yaml)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from medseg_core.config import load_scenario
+from medseg_core.config import load_scenario, load_site_config
 from medseg_core.sites import materialise_site
 from medseg_core.store import RunStore
 
@@ -113,9 +114,11 @@ class _Deployment:
             subprocess.run(_medseg("nodes", "add", str(self.certs / "nodes" / f"{sid}.pub"),
                                    "--workdir", str(self.work)), check=True, env=ENV, timeout=120)
 
-    def client(self, site: str, key: str | None, log: str, *, insecure: bool = False) -> subprocess.Popen:
+    def client(self, site: str, key: str | None, log: str, *, insecure: bool = False,
+               cold: bool = False) -> subprocess.Popen:
         cmd = ["client", "--site", str(self.site_yaml[site]), "--server", f"127.0.0.1:{self.port}",
                "--port", str(_free_port()), "--state", str(self.tmp / f"{log}-home")]
+        cmd += ["--cold"] if cold else []
         cmd += ["--insecure"] if insecure else ["--ca", str(self.certs / "ca.crt")]
         if key is not None:
             cmd += ["--key", str(self.certs / "nodes" / key)]
@@ -163,6 +166,15 @@ def test_tls_federation_with_registered_nodes(tmp_path: Path) -> None:
         assert "Failed to activate SuperNode" in intruder_log, intruder_log[-2000:]
         assert "SuperNode ID" not in notls_log, notls_log[-2000:]
         assert "Connection attempt failed" in notls_log, notls_log[-2000:]
+        # every message ran in a task process forked from the warm executor, torch preloaded
+        for sid in ("site-a", "site-b"):
+            text = d.log(f"{sid}.log")
+            tasks = re.findall(r"\[medseg warm\] task process (\d+) preloaded: (.*)", text)
+            replies = re.findall(r"Sending: (train|evaluate) message", text)
+            # 2 rounds x (train + validation) + the final test evaluation
+            assert len(tasks) == len(replies) == 5, text[-3000:]
+            assert len({pid for pid, _ in tasks}) == 5  # a fresh process per message
+            assert all("torch" in libs and "opacus" in libs for _, libs in tasks)
     finally:
         d.stop_all()
 
@@ -182,7 +194,7 @@ def test_kill_9_server_and_resume(tmp_path: Path) -> None:
         server = d.start_server()
         d.register()
         for sid in ("site-a", "site-b"):
-            d.client(sid, sid, f"{sid}.log")
+            d.client(sid, sid, f"{sid}.log", cold=sid == "site-b")  # Flower's default isolation too
         first = work / "server" / "checkpoints" / "round_0001"
         deadline = time.monotonic() + 600
         while not (first / "meta.json").is_file():
@@ -222,3 +234,57 @@ def test_kill_9_server_and_resume(tmp_path: Path) -> None:
             assert eps == sorted(eps)
     finally:
         d.stop_all()
+
+
+def test_site_killed_mid_run_rejoins_with_its_accountant(tmp_path: Path) -> None:
+    """kill -9 one hospital after round 1: round 2 goes on without it; restarted
+    on the same state it rejoins, and its epsilon never goes down."""
+    text = SCENARIO.replace("rounds: 2", "rounds: 4").replace(
+        "strategy: {round_timeout_s: 300}", "strategy: {round_timeout_s: 40, min_train_nodes: 1}")
+    d = _Deployment(tmp_path, text)
+    ck = d.work / "server" / "checkpoints"
+    site_state = load_site_config(d.site_yaml["site-b"]).state_dir
+
+    def wait_round(rnd: int, server: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 600
+        while not (ck / f"round_{rnd:04d}" / "meta.json").is_file():
+            assert server.poll() is None, d.log("server.log")[-3000:]
+            assert time.monotonic() < deadline, f"round {rnd} never completed"
+            time.sleep(0.5)
+
+    try:
+        server = d.start_server()
+        d.register()
+        d.client("site-a", "site-a", "site-a.log")
+        site_b = d.client("site-b", "site-b", "site-b.log")
+        wait_round(1, server)
+        os.killpg(site_b.pid, signal.SIGKILL)  # SuperNode, warm executor and its task processes
+        site_b.wait(timeout=30)
+        eps_before = _site_epsilon(site_state)
+        wait_round(2, server)  # closes after the round timeout, with site-a alone
+        d.client("site-b", "site-b", "site-b.log")  # same key, site.yaml and state
+        rc = server.wait(timeout=900)
+        assert rc == 0, d.log("server.log")[-3000:] + (d.work / "run.log").read_text(
+            errors="replace")[-3000:]
+        fed = json.loads((d.work / "server" / "federated.json").read_text())
+        with RunStore(d.work / "server" / "runstore.sqlite") as store:
+            rounds = {r["round"]: r for r in store.rounds(fed["run_id"])}
+            assert sorted(rounds) == [1, 2, 3, 4]
+            assert rounds[1]["n_accepted"] == 2 and rounds[2]["n_accepted"] == 1
+            trained = {(r["site_id"], r["round"]) for r in store.site_metrics(fed["run_id"], phase="train")}
+        assert ("site-b", 2) not in trained
+        assert {("site-b", 3), ("site-b", 4)} & trained, sorted(trained)  # back after the restart
+        eps = [r[3] for r in _ledger_rows(d.work / "server" / "runstore.sqlite") if r[1] == "site-b"]
+        assert len(eps) >= 2 and eps == sorted(eps) and eps[-1] > eps[0]
+        assert _site_epsilon(site_state) > eps_before  # its own accountant resumed, not reset
+    finally:
+        d.stop_all()
+
+
+def _site_epsilon(state_dir: Path) -> float:
+    """The epsilon a site's own ledger (state_dir/ledger.jsonl) says it has spent."""
+    ledger = Path(state_dir) / "ledger.jsonl"
+    if not ledger.is_file():
+        return 0.0
+    return max((json.loads(line)["epsilon_after"] for line in ledger.read_text().splitlines()
+                if line.strip()), default=0.0)
