@@ -26,7 +26,10 @@ def apply_attack(
     attack
         ``none`` returns ``local``; ``nan`` fills floating arrays with NaN;
         ``sign_flip`` sends ``g - (l - g)``; ``scale`` sends ``g + 10 (l - g)``
-        (Blanchard et al. 2017 / Fang et al. 2020 style model poisoning).
+        (a boosted honest update: harmless or even helpful to an under-trained
+        model, a model-replacement lever otherwise); ``flip_scale`` sends
+        ``g - 10 (l - g)``, the reversed update boosted (Blanchard et al. 2017 /
+        Fang et al. 2020 style model poisoning).
     """
     out: dict[str, np.ndarray] = {}
     for k, v in local.items():
@@ -39,6 +42,8 @@ def apply_attack(
             out[k] = (g - (v - g)).astype(v.dtype)
         elif attack is Attack.SCALE:
             out[k] = (g + 10.0 * (v - g)).astype(v.dtype)
+        elif attack is Attack.FLIP_SCALE:
+            out[k] = (g - 10.0 * (v - g)).astype(v.dtype)
         else:  # pragma: no cover - exhaustive over the enum
             raise ValueError(f"unknown attack {attack!r}")
     return out

@@ -80,7 +80,8 @@ class Attack(StrEnum):
     NONE = "none"
     NAN = "nan"  # every weight NaN
     SIGN_FLIP = "sign_flip"  # w_global - (w_local - w_global)
-    SCALE = "scale"  # w_global + 10 * (w_local - w_global)
+    SCALE = "scale"  # w_global + 10 * (w_local - w_global): a boosted honest update
+    FLIP_SCALE = "flip_scale"  # w_global - 10 * (w_local - w_global): boosted and reversed
 
 
 class AdaptationMode(StrEnum):

@@ -109,8 +109,7 @@ def _train_config(scenario: ScenarioConfig, run_id: str) -> dict[str, Any]:
     }
 
 
-def _site_of(msg: Message, node_sites: dict[int, str]) -> str:
-    node = msg.metadata.src_node_id
+def _site_of(msg: Message, node_sites: dict[int, str], node: int) -> str:
     if not msg.has_error():
         rec = msg.content.config_records.get(keys.SITE)
         if rec is not None and isinstance(rec.get(keys.SITE_ID), str):
@@ -118,18 +117,26 @@ def _site_of(msg: Message, node_sites: dict[int, str]) -> str:
     return node_sites.get(node, f"node-{node}")
 
 
-def _send(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+def _send(grid: Grid, messages: Iterable[Message], timeout: float) -> list[tuple[int, Message]]:
     """Send one phase of a round and collect the replies that arrive within ``timeout``.
 
     Each message lives only as long as the round waits for it (Flower's
     default TTL is 12 h): a site that was down during the round never
     receives it later, so a rejoining site does not spend privacy budget on a
     round the server has already closed.
+
+    Returns ``(node, reply)`` pairs, ``node`` being the node the message was
+    sent to: an error reply made by the SuperLink (e.g. the message expired
+    while the site was down) carries the SuperLink's id, not the site's.
     """
     msgs = list(messages)
     for m in msgs:
         m.metadata.ttl = float(timeout)
-    return list(grid.send_and_receive(msgs, timeout=timeout)) if msgs else []
+    if not msgs:
+        return []
+    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    dst = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}  # ids set by the push
+    return [(dst.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
 
 
 def run_federation(
@@ -188,9 +195,8 @@ def run_federation(
         accepted: list[Message] = []
         eps_round: list[float] = []
         losses: list[tuple[float, float]] = []
-        for reply in replies:
-            site = _site_of(reply, node_sites)
-            node = reply.metadata.src_node_id
+        for node, reply in replies:
+            site = _site_of(reply, node_sites, node)
             if reply.has_error():
                 reason = reply.error.reason or f"error code {reply.error.code}"
                 logger.warning("round %d: site %s answered with an error: %s", rnd, site, reason)
@@ -317,16 +323,16 @@ def _evaluate(
     })
     replies = _send(grid, strategy.configure_evaluate(rnd, arrays, cfg, grid), timeout)
     num, den = 0.0, 0.0
-    for reply in replies:
-        site = _site_of(reply, node_sites)
+    for node, reply in replies:
+        site = _site_of(reply, node_sites, node)
         if reply.has_error():
-            store.add_rejection(run_id, rnd, site, node_id=reply.metadata.src_node_id,
+            store.add_rejection(run_id, rnd, site, node_id=node,
                                 kind="eval-error", reason=reply.error.reason or "")
             continue
         m = reply.content.metric_records.get(keys.METRICS)
         s = reply.content.config_records.get(keys.SITE)
         if m is None or s is None or not math.isfinite(float(m.get(keys.DICE, math.nan))):
-            store.add_rejection(run_id, rnd, site, node_id=reply.metadata.src_node_id,
+            store.add_rejection(run_id, rnd, site, node_id=node,
                                 kind="eval-invalid", reason="evaluate reply lacks finite dice")
             continue
         dice, n = float(m[keys.DICE]), int(m[keys.NUM_EXAMPLES])

@@ -272,6 +272,9 @@ def test_site_killed_mid_run_rejoins_with_its_accountant(tmp_path: Path) -> None
             assert sorted(rounds) == [1, 2, 3, 4]
             assert rounds[1]["n_accepted"] == 2 and rounds[2]["n_accepted"] == 1
             trained = {(r["site_id"], r["round"]) for r in store.site_metrics(fed["run_id"], phase="train")}
+            # a message site-b never got is recorded against site-b, not the SuperLink's node id
+            missed = {(r["site_id"], r["round"]) for r in store.rejections(fed["run_id"])}
+        assert {("site-b", 2), ("site-b", 3)} & missed and {s for s, _ in missed} == {"site-b"}, missed
         assert ("site-b", 2) not in trained
         assert {("site-b", 3), ("site-b", 4)} & trained, sorted(trained)  # back after the restart
         eps = [r[3] for r in _ledger_rows(d.work / "server" / "runstore.sqlite") if r[1] == "site-b"]

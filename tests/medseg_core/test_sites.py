@@ -60,7 +60,7 @@ def test_unknown_anatomy_source_is_clear(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("attack", "expected"), [
-    (Attack.NONE, 2.0), (Attack.SIGN_FLIP, 0.0), (Attack.SCALE, 11.0)])
+    (Attack.NONE, 2.0), (Attack.SIGN_FLIP, 0.0), (Attack.SCALE, 11.0), (Attack.FLIP_SCALE, -9.0)])
 def test_attacks(attack: Attack, expected: float) -> None:
     g, l_ = {"w": np.ones(3, np.float32)}, {"w": np.full(3, 2.0, np.float32)}
     assert apply_attack(attack, l_, g)["w"][0] == expected
