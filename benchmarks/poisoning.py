@@ -21,15 +21,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ROOT, run_scenario
 
 SCENARIO = {
     "name": "poisoning",
@@ -56,16 +50,6 @@ SCENARIO = {
     "evaluation": {"min_component_voxels": 10, "select": "best_val"},
 }
 ATTACKER = "mallory"
-
-
-def _run(cfg: dict, out: Path, dp: str) -> tuple[dict, float]:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "scenario.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--config", str(path),
-                    "--out", str(out), "--dp", dp], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / "summary.json").read_text()), time.perf_counter() - t0
 
 
 def main() -> None:
@@ -101,7 +85,7 @@ def main() -> None:
         for s in cfg["sites"]:
             if s["id"] == ATTACKER:
                 s["attack"] = attack
-        summary, wall = _run(cfg, Path(args.out) / name, args.dp)
+        summary, wall = run_scenario(cfg, Path(args.out) / name, args.dp)
         fed = summary["federated"]
         honest = [v["dice"] for k, v in fed["per_site"].items() if k != ATTACKER]
         results[name] = sum(honest) / len(honest)

@@ -20,31 +20,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ROOT, run_scenario
 
 PAIRS = {
     "fixmatch": ({"unlabeled_fraction": 0.4}, {}, {"fixmatch": True}),
     "noisy": ({"class_noise": 0.2}, {}, {"noisy_labels": "gce"}),
     "imbalance": ({}, {}, {"imbalance": "focal"}),
 }
-
-
-def _run(cfg: dict, out: Path, dp: str) -> tuple[dict, float]:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "scenario.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--config", str(path),
-                    "--out", str(out), "--dp", dp], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / "summary.json").read_text()), time.perf_counter() - t0
 
 
 def main() -> None:
@@ -70,7 +56,7 @@ def main() -> None:
                 if s["id"] in weak_ids:
                     s.update(site_edit)
             cfg.setdefault("train", {})["weak"] = weak
-            summary, wall = _run(cfg, Path(args.out) / f"{option}-{arm}", args.dp)
+            summary, wall = run_scenario(cfg, Path(args.out) / f"{option}-{arm}", args.dp)
             per = summary["federated"]["per_site"]
             weak_mean = sum(per[i]["dice"] for i in weak_ids) / len(weak_ids)
             rows[arm] = weak_mean
