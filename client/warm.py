@@ -76,8 +76,6 @@ def run_task(runtime_api_address: str, token: str, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-    logging.getLogger("medseg.client.warm").info(
-        "task process %d starts with %d/%d libraries preloaded", os.getpid(), len(warm), len(PRELOAD))
     print(f"[medseg warm] task process {os.getpid()} preloaded: {', '.join(warm) or 'none'}",
           flush=True)
     run_clientapp(runtime_api_address=runtime_api_address, token=token, insecure=True,
