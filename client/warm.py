@@ -159,7 +159,7 @@ def serve(
     executor: ForkServerExecutor | None = None,
     should_stop=lambda: False,
     poll_interval: float = POLL_INTERVAL_S,
-) -> ForkServerExecutor:
+) -> None:
     """Acquire ClientApp tasks from the local SuperNode and run them warm.
 
     Returns when ``should_stop()`` is true (checked every poll).
@@ -209,21 +209,6 @@ def serve(
     finally:
         client.close()
         executor.close()
-    return executor
-
-
-def _wait_for_port(port: int, proc, timeout: float = 120.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"the SuperNode's Runtime API did not open 127.0.0.1:{port} in {timeout:.0f} s")
 
 
 def run_site(supernode_cmd: Sequence[str], env: dict[str, str], *, port: int, secret_file: Path) -> int:
@@ -233,6 +218,8 @@ def run_site(supernode_cmd: Sequence[str], env: dict[str, str], *, port: int, se
     SuperNode first, then running tasks).
     """
     import subprocess
+
+    from server.deploy import wait_for_port
 
     os.environ.update(env)  # FLWR_HOME etc. for the fork server and every task process
     secret = write_secret(secret_file)
@@ -250,7 +237,7 @@ def run_site(supernode_cmd: Sequence[str], env: dict[str, str], *, port: int, se
     print(f"[medseg warm] SuperNode pid {supernode.pid}; warm ClientApp executor pid {os.getpid()} "
           f"(preloading {len(PRELOAD)} libraries)", flush=True)
     try:
-        _wait_for_port(port, supernode)
+        wait_for_port(port, timeout=120, proc=supernode)
         serve(f"127.0.0.1:{port}", secret=secret, executor=executor,
               should_stop=lambda: bool(stop["signal"]) or supernode.poll() is not None)
     finally:

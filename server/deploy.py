@@ -156,12 +156,16 @@ def _flwr(args: list[str], flwr_home: Path, timeout: float = 120) -> str:
     return out
 
 
-def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 60) -> None:
-    """Wait until something listens on ``host:port``."""
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 60,
+                  proc: subprocess.Popen | None = None) -> None:
+    """Wait until something listens on ``host:port`` (or until ``proc``, the
+    process that should open it, has exited: the caller reads its exit code)."""
     import socket
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return
         with socket.socket() as s:
             s.settimeout(1)
             if s.connect_ex((host, port)) == 0:
