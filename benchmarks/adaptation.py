@@ -57,12 +57,15 @@ def main() -> None:
                     sort_keys=False))
                 rows[mode] = _simulate(cfg, out / tag, dp)
             sites = rows[args.modes[0]]["sites"]
-            print(f"\nDP {dp}, seed {seed}: federated test Dice per site ({', '.join(sites)})")
+            print(f"\nDP {dp}, seed {seed}: federated test Dice ± standard error over the "
+                  f"site's test cases, per site ({', '.join(sites)})")
             stats = {}
             for mode, s in rows.items():
                 d = [s["federated"]["per_site"][x]["dice"] for x in sites]
                 stats[mode] = (sum(d) / len(d), min(d))
-                per = "  ".join(f"{v:.4f}" for v in d)
+                se = [s["federated"]["per_site"][x].get("dice_se") for x in sites]
+                per = "  ".join(f"{v:.4f}" + (f" ± {e:.3f}" if e is not None else "")
+                                for v, e in zip(d, se, strict=True))
                 print(f"  {mode:<13} {per}   mean {stats[mode][0]:.4f}  worst {stats[mode][1]:.4f}"
                       f"  ({s['_wall']:.0f} s)")
             if "none" in stats:

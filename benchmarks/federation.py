@@ -40,6 +40,11 @@ def _ms(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
+def _dice_se(v: dict) -> str:
+    se = v.get("dice_se")
+    return f"{v['dice']:.4f} ± {se:.3f}" if se is not None else f"{v['dice']:.4f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "simulations" / "configs" / "default.yaml"))
@@ -60,9 +65,10 @@ def main() -> None:
             s = _run(cfg, out / f"dp-{dp}-seed{seed}", dp, args.quick)
             results[dp].append(s)
             sites = s["sites"]
-            print(f"\nDP {dp}, seed {seed}: Dice per site ({', '.join(sites)}) and mean")
+            print(f"\nDP {dp}, seed {seed}: Dice ± its standard error over the site's test "
+                  f"cases, per site ({', '.join(sites)}), and mean")
             for arm in ARMS:
-                per = "  ".join(f"{s[arm]['per_site'][x]['dice']:.4f}" for x in sites)
+                per = "  ".join(_dice_se(s[arm]["per_site"][x]) for x in sites)
                 print(f"  {arm:<10} {per}   mean {s[arm]['dice_mean']:.4f}")
             eps = [v["epsilon"] for v in s["federated"]["per_site"].values()]
             print(f"  max site epsilon {max(eps) if dp == 'on' else None}; selected round "

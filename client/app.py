@@ -199,6 +199,7 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 keys.HD95: float(res.hd95) if res.hd95 is not None else float("nan"),
                 keys.AUC: float(res.auc) if res.auc is not None else float("nan"),
                 keys.EMPTY_DICE: float(res.empty_dice) if res.empty_dice is not None else float("nan"),
+                keys.DICE_SE: float(res.dice_se) if res.dice_se is not None else float("nan"),
                 keys.EVAL_SPLIT: split,
                 "epsilon-spent": float(session.epsilon_spent()) if site.dp_enabled else -1.0,
             }),

@@ -20,9 +20,10 @@ LEARNING_RATE = "lr"
 PROXIMAL_MU = "proximal-mu"
 EVAL_SPLIT = "split"  # "val" or "test"
 RUN_NAME = "run-name"
-MODEL_ROUND = "model-round"
+MODEL_ROUND = "model-round"  # the round whose global model an evaluate message carries
 AUC = "auc"  # image/bag-level ROC AUC on the site's test split
-EMPTY_DICE = "empty-dice"  # Dice an all-background prediction would score on that split  # the round whose global model an evaluate message carries
+EMPTY_DICE = "empty-dice"  # Dice an all-background prediction would score on that split
+DICE_SE = "dice-se"  # standard error of the split's Dice over its cases
 MIN_COMPONENT_VOXELS = "min-component-voxels"
 
 # MetricRecord keys sent by clients

@@ -63,6 +63,7 @@ class SiteResult:
     label_regime: str | None = None
     bag_auc: float | None = None
     dice_empty_baseline: float | None = None
+    dice_se: float | None = None
 
 
 @dataclass
@@ -354,6 +355,7 @@ def _evaluate(
         hd = float(s.get(keys.HD95, math.nan))
         auc = float(s.get(keys.AUC, math.nan))
         empty = float(s.get(keys.EMPTY_DICE, math.nan))
+        se = float(s.get(keys.DICE_SE, math.nan))
         # n == 0: the site has no masks on this split (image-level labels only)
         store.add_site_metrics(run_id, rnd, site, phase="evaluate", split=split,
                                num_examples=n, dice=dice if n else None,
@@ -365,5 +367,6 @@ def _evaluate(
                 n_train=int(s.get(keys.N_TRAIN, 0)), label_regime=str(s.get(keys.LABEL_REGIME, "")),
                 bag_auc=auc if math.isfinite(auc) else None,
                 dice_empty_baseline=empty if math.isfinite(empty) else None,
+                dice_se=se if n and math.isfinite(se) else None,
             )
     return num / den if den else None

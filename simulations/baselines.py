@@ -113,7 +113,8 @@ def _train_arm(
 
 def _score(scenario: ScenarioConfig, state: dict[str, np.ndarray], sess: SiteSession) -> dict:
     m = sess.evaluate(state, "test", min_component_voxels=scenario.evaluation.min_component_voxels)
-    out: dict = {"dice": m.dice, "hd95": m.hd95, "dice_empty_baseline": m.empty_dice}
+    out: dict = {"dice": m.dice, "hd95": m.hd95, "dice_empty_baseline": m.empty_dice,
+                 "dice_se": m.dice_se}
     if m.auc is not None:
         out["bag_auc"] = m.auc
     return out

@@ -144,7 +144,8 @@ def run_simulate(scenario: ScenarioConfig, opts: SimulationOptions) -> dict[str,
                 sid: {"dice": r["dice"], "epsilon": r["epsilon"], "n_train": r["n_train"],
                       "hd95": r["hd95"], "label_regime": r["label_regime"],
                       **({"bag_auc": r["bag_auc"]} if r.get("bag_auc") is not None else {}),
-                      "dice_empty_baseline": r.get("dice_empty_baseline")}
+                      "dice_empty_baseline": r.get("dice_empty_baseline"),
+                      "dice_se": r.get("dice_se")}
                 for sid, r in fed["sites"].items()
             },
             "rejected_updates": fed["rejected"],
@@ -223,22 +224,24 @@ def _compare_full_masks(
 def format_table(summary: dict[str, Any]) -> str:
     """The per-site table printed at the end of ``medseg simulate``."""
     arms = [a for a in ("federated", "pooled", "local") if summary.get(a)]
-    head = f"{'site':<14}{'n_train':>8}" + "".join(f"{a + ' dice':>16}" for a in arms) + f"{'epsilon':>10}"
+    head = f"{'site':<14}{'n_train':>8}" + "".join(f"{a + ' dice':>20}" for a in arms) + f"{'epsilon':>10}"
     lines = [head, "-" * len(head)]
     for sid in summary["sites"]:
         fed = summary["federated"]["per_site"].get(sid, {})
         row = f"{sid:<14}{fed.get('n_train') or 0:>8}"
         for a in arms:
-            d = summary[a]["per_site"].get(sid, {}).get("dice")
-            row += f"{d:>16.4f}" if d is not None else f"{'-':>16}"
+            v = summary[a]["per_site"].get(sid, {})
+            d, se = v.get("dice"), v.get("dice_se")
+            cell = "-" if d is None else f"{d:.4f}" + (f" ± {se:.3f}" if se is not None else "")
+            row += f"{cell:>20}"
         eps = fed.get("epsilon")
         row += f"{eps:>10.3f}" if eps is not None else f"{'off':>10}"
         lines.append(row)
     mean = f"{'mean':<14}{'':>8}"
     for a in arms:
         d = summary[a]["dice_mean"]
-        mean += f"{d:>16.4f}" if d is not None else f"{'-':>16}"
-    lines += ["-" * len(head), mean]
+        mean += f"{d:>20.4f}" if d is not None else f"{'-':>20}"
+    lines += ["-" * len(head), mean, "(± : standard error of the site's Dice over its test cases)"]
     if summary.get("pooled") and summary["federated"]["dice_mean"]:
         lines.append(
             f"federated / pooled Dice = {summary['federated']['dice_mean'] / summary['pooled']['dice_mean']:.3f}"

@@ -30,6 +30,8 @@ class SiteEval:
     # Dice an all-background prediction would score (the fraction of scored
     # cases without a lesion: an empty case predicted empty scores 1)
     empty_dice: float | None = None
+    # standard error of ``dice`` over the scored cases (None with fewer than two)
+    dice_se: float | None = None
 
 
 def _cases_with_masks(data: SliceSet) -> SliceSet | None:
@@ -73,4 +75,5 @@ def evaluate_split(
         hd95=None if seg is None or not np.isfinite(seg.hd95) else float(seg.hd95),
         n_dice=0 if masked is None else len(masked), auc=None if np.isnan(auc) else auc,
         empty_dice=empty,
+        dice_se=None if seg is None or not np.isfinite(seg.dice_se) else float(seg.dice_se),
     )

@@ -55,6 +55,7 @@ def test_perfect_prediction_gives_dice_one_and_hd95_zero() -> None:
     assert m.hd95 == 0.0
     assert m.n_cases == 2
     assert m.per_case_dice == (1.0, 1.0)
+    assert m.dice_se == 0.0
 
 
 def test_empty_ground_truth_scores_one_if_prediction_empty_else_zero() -> None:
@@ -65,6 +66,8 @@ def test_empty_ground_truth_scores_one_if_prediction_empty_else_zero() -> None:
 
     assert m.per_case_dice == (1.0, 0.0)
     assert m.dice == 0.5
+    # sample sd of (1, 0) is sqrt(0.5); standard error sqrt(0.5 / 2) = 0.5
+    assert m.dice_se == pytest.approx(0.5)
     assert math.isnan(m.hd95)  # no case has non-empty GT and prediction
 
 
