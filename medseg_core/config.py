@@ -185,6 +185,9 @@ class WeakConfig(_Strict):
     gce_q: float = Field(default=0.7, gt=0.0, le=1.0)
     imbalance: Literal["none", "focal"] = "none"  # focal loss against class imbalance
     focal_gamma: float = Field(default=2.0, ge=0.0)
+    # positives on which the decoder predicts nothing take their CAM region as
+    # pseudo-foreground (else they only teach background; see weak/cam.py)
+    cam_bootstrap: bool = False
 
 
 class TrainConfig(_Strict):

@@ -68,6 +68,7 @@ class WeakSettings:
     lse_r: float = 5.0
     neg_weight: float = 1.0  # weight of the exact-background term of image-level negatives
     pseudo_bg: bool = True  # use CAM-low pixels of positives as background
+    cam_bootstrap: bool = False  # CAM region as foreground where the decoder finds nothing
     fixmatch: bool = False
     fixmatch_threshold: float = 0.95
     fixmatch_weight: float = 1.0
@@ -82,7 +83,7 @@ class WeakSettings:
         if cfg is None:
             return cls()
         names = ("fixmatch", "fixmatch_threshold", "fixmatch_weight", "noisy_labels", "gce_q",
-                 "imbalance", "focal_gamma")
+                 "imbalance", "focal_gamma", "cam_bootstrap")
         return cls(**{n: getattr(cfg, n) for n in names})
 
 
@@ -117,9 +118,16 @@ def pixel_ce(logits: Tensor, target: Tensor, s: WeakSettings) -> Tensor:
 
 @torch.no_grad()
 def pseudo_masks(
-    cam: Tensor, cam_flipped: Tensor | None, seg_logits: Tensor, *, tau_fg: float, tau_bg: float
+    cam: Tensor, cam_flipped: Tensor | None, seg_logits: Tensor, *, tau_fg: float, tau_bg: float,
+    bootstrap: bool = False,
 ) -> Tensor:
     """Refined pseudo-masks of positive images.
+
+    With ``bootstrap``, a positive image on which the decoder predicts no
+    foreground pixel at all has nothing to agree with: its CAM region
+    (``>= tau_fg * max``) alone is taken as foreground. Without it such an
+    image only contributes background (its CAM-low pixels), which is what
+    drives a federation with few mask sites to empty predictions.
 
     Parameters
     ----------
@@ -144,7 +152,11 @@ def pseudo_masks(
     p_fg = seg_logits.softmax(dim=1)[:, 1:].sum(dim=1, keepdim=True)
     out = torch.full_like(rel, IGNORE_LABEL, dtype=torch.int64)
     out[rel < tau_bg] = 0
-    out[(rel >= tau_fg) & (p_fg >= 0.5)] = 1
+    fg = p_fg >= 0.5
+    if bootstrap:
+        silent = ~fg.flatten(1).any(dim=1)  # the decoder finds nothing in the image
+        fg = fg | silent[:, None, None, None]
+    out[(rel >= tau_fg) & fg] = 1
     return out
 
 
@@ -206,7 +218,8 @@ class WeakSegLoss(nn.Module):
         weak = self.s.neg_weight * bg_ce
         if bool(pos.any()):
             pseudo = pseudo_masks(cam.detach(), None, logits.detach(),
-                                  tau_fg=self.s.tau_fg, tau_bg=self.s.tau_bg)
+                                  tau_fg=self.s.tau_fg, tau_bg=self.s.tau_bg,
+                                  bootstrap=self.s.cam_bootstrap)
             if not self.s.pseudo_bg:
                 pseudo = torch.where(pseudo == 0, torch.full_like(pseudo, IGNORE_LABEL), pseudo)
             sure = (pseudo != IGNORE_LABEL)[:, 0].to(logits.dtype)

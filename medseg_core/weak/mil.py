@@ -200,7 +200,8 @@ class MilLoss(nn.Module):
 
         key = pos * (att.detach() * n_valid[:, None] >= 1.0 - 1e-6).to(logits.dtype)
         pseudo = pseudo_masks(seg.last_cam.detach(), None, logits.detach(),
-                              tau_fg=self.s.tau_fg, tau_bg=self.s.tau_bg)
+                              tau_fg=self.s.tau_fg, tau_bg=self.s.tau_bg,
+                              bootstrap=self.s.cam_bootstrap)
         if not self.s.pseudo_bg:
             pseudo = torch.where(pseudo == 0, torch.full_like(pseudo, IGNORE_LABEL), pseudo)
         sure = (pseudo != IGNORE_LABEL)[:, 0].to(logits.dtype)

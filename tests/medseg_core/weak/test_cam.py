@@ -70,6 +70,27 @@ def test_pseudo_mask_keeps_only_pixels_both_heads_agree_on() -> None:
     assert int(pm[0, 0, 3, 5]) == IGNORE_LABEL  # CAM high, decoder unsure: ignored
     flipped = pseudo_masks(cam, cam.flip(-1), seg, tau_fg=0.5, tau_bg=0.2)
     assert torch.equal(flipped, pm)  # a flip-symmetric CAM is unchanged by the consistency step
+    # the decoder fires somewhere: bootstrapping changes nothing
+    assert torch.equal(pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2, bootstrap=True), pm)
+
+
+def test_pseudo_mask_bootstraps_from_the_cam_where_the_decoder_finds_nothing() -> None:
+    cam = torch.zeros(2, 1, 4, 4)
+    cam[:, 0, 1:3, 1:3] = 4.0
+    seg = torch.zeros(2, 2, 8, 8)
+    seg[:, 0] = 2.0  # the decoder predicts background everywhere ...
+    seg[1, 1, 0, 0] = 5.0  # ... except one corner pixel of image 1
+    plain = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2)
+    boot = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2, bootstrap=True)
+    assert not bool((plain == 1).any())  # without bootstrap: no foreground to learn from
+    assert int(boot[0, 0, 3, 3]) == 1 and int(boot[0, 0, 0, 0]) == 0  # CAM region / CAM low
+    assert torch.equal(boot[1], plain[1])  # image 1's decoder fires: agreement rule as before
+    # the scenario option reaches the loss
+    from medseg_core.config import WeakConfig
+    from medseg_core.weak import WeakSettings
+
+    assert WeakSettings.from_config(WeakConfig(cam_bootstrap=True)).cam_bootstrap is True
+    assert WeakSettings.from_config(WeakConfig()).cam_bootstrap is False
 
 
 def _site(tmp_path: Path, *, weak_head: str = "cam", **spec) -> SiteSession:
