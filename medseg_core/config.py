@@ -188,6 +188,22 @@ class WeakConfig(_Strict):
     # positives on which the decoder predicts nothing take their CAM region as
     # pseudo-foreground (else they only teach background; see weak/cam.py)
     cam_bootstrap: bool = False
+    # size constraint on positives (CCNN, Pathak et al. 2015): [min, max] foreground
+    # area of a positive image (MIL: of a positive bag), as a fraction of one image
+    size_prior: tuple[float, float] | None = None
+    size_weight: float = Field(default=1.0, ge=0.0)
+
+    @field_validator("size_prior")
+    @classmethod
+    def _size_prior_bounds(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0.0 < v[0] < v[1] <= 1.0:
+            raise ValueError(
+                f"train.weak.size_prior must be [min, max] with 0 < min < max <= 1 (fractions "
+                f"of one image's area that a positive case's lesions cover); got {list(v)}. "
+                "Fix: e.g. [0.005, 0.12] for lesions of 20-500 px in a 64 x 64 image, or leave "
+                "it out (no size prior)"
+            )
+        return v
 
 
 class TrainConfig(_Strict):
@@ -214,6 +230,21 @@ class StrategyConfig(_Strict):
     num_malicious_nodes: int = Field(default=0, ge=0)
     max_update_norm: float | None = Field(default=None, gt=0.0)
     round_timeout_s: float = Field(default=3600.0, gt=0.0)
+    # aggregation weight per label regime, times the site's number of examples
+    # (e.g. {image: 0.25, bag: 0.25}: a mask site counts 4x per case); default 1
+    regime_weights: dict[LabelRegime, float] = Field(default_factory=dict)
+
+    @field_validator("regime_weights")
+    @classmethod
+    def _positive_weights(cls, v: dict[LabelRegime, float]) -> dict[LabelRegime, float]:
+        bad = {str(k): w for k, w in v.items() if not (w > 0.0 and w < float("inf"))}
+        if bad:
+            raise ValueError(
+                f"strategy.regime_weights must be positive finite numbers; got {bad}. Fix: give "
+                "each label regime a weight > 0 (1 = by number of examples; to leave a site out "
+                "of aggregation, remove the site instead)"
+            )
+        return v
 
 
 class ShiftSpec(_Strict):

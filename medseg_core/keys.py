@@ -39,6 +39,9 @@ SAMPLE_RATE = "sample-rate"
 STEPS = "steps"
 N_TRAIN = "n-train"
 TRAIN_SECONDS = "train-seconds"
+# set by the server on accepted train replies: num-examples x the site's
+# supervision weight (strategy.regime_weights); what aggregation weighs by
+AGG_WEIGHT = "agg-weight"
 
 # ConfigRecord keys in the SITE record of a reply
 SITE_ID = "site-id"

@@ -39,7 +39,7 @@ from medseg_core.checkpoint import (
     package_versions,
     save_checkpoint,
 )
-from medseg_core.config import ScenarioConfig
+from medseg_core.config import ScenarioConfig, StrategyConfig
 from medseg_core.store import LedgerRow, RunStore
 from medseg_core.training.session import build_segmenter
 
@@ -47,7 +47,7 @@ from client.records import record_to_state, state_to_record
 from server.strategies import build_strategy
 from server.validation import validate_train_reply
 
-__all__ = ["FederationOutcome", "SiteResult", "initial_state", "run_federation"]
+__all__ = ["FederationOutcome", "SiteResult", "initial_state", "run_federation", "set_aggregation_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +230,7 @@ def run_federation(
             accepted.append(reply)
             m = reply.content.metric_records[keys.METRICS]
             n = int(m[keys.NUM_EXAMPLES])
+            set_aggregation_weight(reply, scenario.strategy)
             losses.append((float(m[keys.TRAIN_LOSS]), n))
             store.add_site_metrics(
                 run_id, rnd, site, phase="train", split="val", num_examples=n,
@@ -309,6 +310,23 @@ def _best_so_far(store: RunStore, run_id: str, start: int) -> tuple[int, float |
         return 0, None
     best = max(done, key=lambda r: r["val_dice"])
     return int(best["round"]), float(best["val_dice"])
+
+
+def set_aggregation_weight(reply: Message, cfg: StrategyConfig) -> float:
+    """Set (and return) the weight aggregation gives an accepted train reply:
+    its number of examples times ``strategy.regime_weights`` of its site's
+    label regime (1 where none is set).
+
+    Weighting is post-processing of what the site sent, so it changes no
+    site's privacy guarantee; a down-weighted site's DP noise is scaled down
+    with its update.
+    """
+    m = reply.content.metric_records[keys.METRICS]
+    rec = reply.content.config_records.get(keys.SITE)
+    regime = str(rec.get(keys.LABEL_REGIME, "")) if rec is not None else ""
+    w = float(m[keys.NUM_EXAMPLES]) * float(cfg.regime_weights.get(regime, 1.0))  # type: ignore[call-overload]
+    m[keys.AGG_WEIGHT] = w
+    return w
 
 
 def _evaluate(

@@ -54,7 +54,9 @@ def _common(cfg: StrategyConfig, n_sites: int) -> dict[str, object]:
         "min_train_nodes": min_nodes,
         "min_evaluate_nodes": min_nodes,
         "min_available_nodes": min_nodes,
-        "weighted_by_key": keys.NUM_EXAMPLES,
+        # set by server.federation on each accepted reply (num-examples x
+        # strategy.regime_weights of the site's label regime)
+        "weighted_by_key": keys.AGG_WEIGHT,
         "arrayrecord_key": keys.ARRAYS,
         "configrecord_key": keys.CONFIG,
         "train_metrics_aggr_fn": weighted_mean_metrics,

@@ -36,6 +36,7 @@ co-training style check between two views of the same network.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,8 @@ from torch import Tensor, nn
 from medseg_core.data.slices import IGNORE_LABEL
 from medseg_core.models.heads import last_cam
 
-__all__ = ["WeakSegLoss", "WeakSettings", "image_label_loss", "pixel_ce", "pseudo_masks"]
+__all__ = ["WeakSegLoss", "WeakSettings", "image_label_loss", "pixel_ce", "pseudo_masks",
+           "size_prior_loss"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class WeakSettings:
     neg_weight: float = 1.0  # weight of the exact-background term of image-level negatives
     pseudo_bg: bool = True  # use CAM-low pixels of positives as background
     cam_bootstrap: bool = False  # CAM region as foreground where the decoder finds nothing
+    size_prior: tuple[float, float] | None = None  # [min, max] lesion area of a positive
+    size_weight: float = 1.0
     fixmatch: bool = False
     fixmatch_threshold: float = 0.95
     fixmatch_weight: float = 1.0
@@ -83,7 +87,7 @@ class WeakSettings:
         if cfg is None:
             return cls()
         names = ("fixmatch", "fixmatch_threshold", "fixmatch_weight", "noisy_labels", "gce_q",
-                 "imbalance", "focal_gamma", "cam_bootstrap")
+                 "imbalance", "focal_gamma", "cam_bootstrap", "size_prior", "size_weight")
         return cls(**{n: getattr(cfg, n) for n in names})
 
 
@@ -161,6 +165,64 @@ def pseudo_masks(
     return out
 
 
+def size_prior_loss(logits: Tensor, groups: int, prior: tuple[float, float], s: WeakSettings,
+                    valid: Tensor | None = None) -> Tensor:
+    """Size-constrained pseudo-labels of positive cases, one loss per group.
+
+    A group is one positive image, or the instances of one positive MIL bag
+    (``logits`` rows ``g * K .. g * K + K - 1``). A positive group holds at
+    least ``min * H * W`` lesion pixels and at most ``max * H * W``. This is
+    the hard (top-k) form of the constrained CNN of Pathak, Kraehenbuehl &
+    Darrell (2015, ICCV, "Constrained Convolutional Neural Networks for Weakly
+    Supervised Segmentation"): the latent target closest to the prediction
+    that satisfies the constraint. Where the decoder predicts fewer
+    foreground pixels than the minimum, its ``ceil(min * H * W)`` most
+    lesion-like pixels become foreground targets; where it predicts more
+    than the maximum, the foreground pixels beyond the top ``max * H * W``
+    become background targets; a group inside the bounds costs nothing.
+    Unlike the CAM pseudo-masks, this pushes towards foreground even when the
+    decoder predicts none at all (the collapse of weak sites under DP), and
+    the cross-entropy of a hard target keeps a gradient where a penalty on
+    the soft area would vanish (softmax saturated at background).
+
+    Parameters
+    ----------
+    logits
+        ``(G * K, C, H, W)`` decoder logits.
+    groups
+        ``G``.
+    prior
+        ``(min, max)`` fractions of one image's area.
+    valid
+        ``(G, K)`` bool: real instances (padding is never picked), or None.
+
+    Returns
+    -------
+    Tensor
+        ``(G,)`` mean cross-entropy over each group's constrained pixels
+        (0 for a group inside the bounds).
+    """
+    n, _, h, w = logits.shape
+    k_lo = max(1, int(math.ceil(prior[0] * h * w)))
+    k_hi = max(k_lo, int(math.floor(prior[1] * h * w)))
+    with torch.no_grad():
+        p = logits.softmax(dim=1)[:, 1:].sum(dim=1)  # (G * K, H, W) foreground probability
+        if valid is not None:
+            p = torch.where(valid.reshape(n)[:, None, None], p, torch.full_like(p, -1.0))
+        p = p.reshape(groups, -1)
+        order = p.argsort(dim=1, descending=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(p.shape[1], device=p.device).expand_as(order))
+        fg = p >= 0.5
+        count = fg.sum(dim=1, keepdim=True)
+        target = torch.full_like(order, IGNORE_LABEL)
+        target[(rank < k_lo) & (count < k_lo)] = 1
+        target[(rank >= k_hi) & fg & (count > k_hi)] = 0
+    ce = pixel_ce(logits, target.reshape(n, h, w).clamp_min(0), s).reshape(groups, -1)
+    sure = (target != IGNORE_LABEL).to(logits.dtype)
+    return (ce * sure).sum(dim=1) / sure.sum(dim=1).clamp_min(1.0)
+
+
 class WeakSegLoss(nn.Module):
     """Mean over the batch of the per-sample terms in the module docstring.
 
@@ -227,6 +289,9 @@ class WeakSegLoss(nn.Module):
             pce = pixel_ce(logits, pseudo[:, 0].clamp_min(0), self.s)
             pce = (pce * sure).flatten(1).sum(dim=1) / sure.flatten(1).sum(dim=1).clamp_min(1.0)
             weak = weak + pce * pos
+            if self.s.size_prior is not None:
+                weak = weak + self.s.size_weight * size_prior_loss(logits, b, self.s.size_prior,
+                                                                   self.s) * pos
         total = (seg + self.s.cam_weight * cam_loss + self.s.weak_weight * weak
                  + self.s.mil_weight * mil)
         if self.s.fixmatch and weak_view is not None:

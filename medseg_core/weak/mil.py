@@ -24,7 +24,10 @@ Loss per bag (:class:`MilLoss`), mean over bags:
 * a **positive** bag: the smooth-max (log-sum-exp) of the decoder's
   foreground-vs-background logit over all the bag's pixels must say "lesion
   somewhere"; and its key instances (attention at least uniform ``1/K``)
-  get the refined CAM pseudo-mask of :func:`medseg_core.weak.cam.pseudo_masks`.
+  get the refined CAM pseudo-mask of :func:`medseg_core.weak.cam.pseudo_masks`;
+  with ``train.weak.size_prior`` the bag as a whole also gets the size
+  constraint of :func:`medseg_core.weak.cam.size_prior_loss` (its most
+  lesion-like pixels over all members, if it predicts too few).
 """
 
 from __future__ import annotations
@@ -40,7 +43,13 @@ from medseg_core.data.datalist import Case
 from medseg_core.data.slices import IGNORE_LABEL, SliceSet
 from medseg_core.errors import DataIntegrityError
 from medseg_core.models.heads import cam_segmenter
-from medseg_core.weak.cam import WeakSettings, image_label_loss, pixel_ce, pseudo_masks
+from medseg_core.weak.cam import (
+    WeakSettings,
+    image_label_loss,
+    pixel_ce,
+    pseudo_masks,
+    size_prior_loss,
+)
 
 __all__ = ["BagSet", "MilLoss", "bags_from_slices", "check_bags", "fold_bag_grad_samples"]
 
@@ -208,6 +217,9 @@ class MilLoss(nn.Module):
         pce = pixel_ce(logits, pseudo[:, 0].clamp_min(0), self.s)
         pce = ((pce * sure).flatten(1).sum(dim=1) / sure.flatten(1).sum(dim=1).clamp_min(1.0)).view(b, k)
         positive_terms = (pce * key).sum(dim=1) / key.sum(dim=1).clamp_min(1.0)
+        if self.s.size_prior is not None:
+            positive_terms = positive_terms + self.s.size_weight * y * size_prior_loss(
+                logits, b, self.s.size_prior, self.s, valid)
 
         total = (bag_loss + self.s.weak_weight * (negative_terms + positive_terms)
                  + self.s.mil_weight * mil * y)

@@ -36,3 +36,50 @@ def test_weighted_mean_metrics() -> None:
 def test_fedavgm_carries_server_momentum() -> None:
     strategy = build_strategy(StrategyConfig(name="fedavgm", server_momentum=0.5), n_sites=3)
     assert strategy.server_momentum == 0.5 and strategy.server_learning_rate == 1.0
+
+
+def _train_reply(value: float, n: int, regime: str):  # noqa: ANN202
+    import numpy as np
+    from flwr.app import ConfigRecord, Message
+
+    from client.records import state_to_record
+    from medseg_core import keys
+
+    ins = Message(RecordDict({}), dst_node_id=1, message_type="train")
+    content = RecordDict({
+        keys.ARRAYS: state_to_record({"w": np.full((2,), value, dtype=np.float32)}),
+        keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: 0.1}),
+        keys.SITE: ConfigRecord({keys.SITE_ID: regime, keys.LABEL_REGIME: regime}),
+    })
+    return Message(content, reply_to=ins)
+
+
+@pytest.mark.parametrize("name", [StrategyName.FEDAVG, StrategyName.FEDAVGM])
+def test_regime_weights_set_what_aggregation_weighs_by(name: StrategyName) -> None:
+    from medseg_core import keys
+    from server.federation import set_aggregation_weight
+
+    cfg = StrategyConfig(name=name, regime_weights={"image": 0.25})
+    replies = [_train_reply(1.0, 100, "mask"), _train_reply(0.0, 100, "image"),
+               _train_reply(0.0, 100, "bag")]
+    assert [set_aggregation_weight(r, cfg) for r in replies] == [100.0, 25.0, 100.0]
+    strategy = build_strategy(cfg, n_sites=3)
+    if name == StrategyName.FEDAVGM:  # FedAvgM steps from the current global model
+        import numpy as np
+
+        from client.records import state_to_record
+
+        strategy.current_arrays = state_to_record({"w": np.zeros((2,), dtype=np.float32)})
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    assert arrays["w"].numpy() == pytest.approx(100 / 225)  # not the unweighted 1 / 3
+
+
+def test_regime_weights_must_be_positive_known_regimes() -> None:
+    from medseg_core.config import parse_model
+    from medseg_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"regime_weights.*positive.*got \{'image': 0.0\}.*Fix"):
+        parse_model(StrategyConfig, {"regime_weights": {"image": 0.0}})
+    with pytest.raises(ConfigError, match=r"regime_weights.*(mask|image|bag)"):
+        parse_model(StrategyConfig, {"regime_weights": {"images": 0.5}})

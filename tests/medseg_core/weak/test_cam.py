@@ -17,6 +17,7 @@ from medseg_core.sites import materialise_site
 from medseg_core.training.session import build_segmenter
 from medseg_core.training.site import RoundRequest, SiteSession
 from medseg_core.weak import WeakSegLoss, WeakSettings, pseudo_masks
+from medseg_core.weak.cam import size_prior_loss
 
 
 def _model(weak_head: str = "cam", name: str = "unet") -> torch.nn.Module:
@@ -91,6 +92,70 @@ def test_pseudo_mask_bootstraps_from_the_cam_where_the_decoder_finds_nothing() -
 
     assert WeakSettings.from_config(WeakConfig(cam_bootstrap=True)).cam_bootstrap is True
     assert WeakSettings.from_config(WeakConfig()).cam_bootstrap is False
+
+
+def test_size_prior_targets_the_most_lesion_like_pixels_of_a_silent_positive() -> None:
+    s = WeakSettings()
+    logits = torch.zeros(3, 2, 8, 8)
+    logits[:, 0] = 8.0  # saturated background everywhere ...
+    logits[0, 1, 2, 3], logits[0, 1, 5, 5] = 7.0, 6.0  # ... two lesion-like pixels in image 0
+    logits[1, 1, :4] = 9.0  # image 1 predicts half the image as lesion (32 px)
+    logits[2, 1, 1:3, 1:3] = 9.0  # image 2: 4 px, inside the bounds
+    logits.requires_grad_(True)
+    loss = size_prior_loss(logits, 3, (2 / 64, 10 / 64), s)
+    loss.sum().backward()
+    pushed_up = (logits.grad[0, 1] < 0).nonzero().tolist()
+    assert pushed_up == [[2, 3], [5, 5]]  # the top-2 pixels become foreground targets
+    assert float(loss[0].detach()) > 1.0  # a hard target keeps a gradient where softmax saturates
+    pushed_down = int((logits.grad[1, 1] > 0).sum())
+    assert pushed_down == 32 - 10  # foreground beyond the top 10 pixels becomes background
+    assert float(loss[2]) == 0.0 and float(logits.grad[2].abs().sum()) == 0.0
+
+
+def test_size_prior_never_picks_bag_padding_and_is_per_bag() -> None:
+    s = WeakSettings()
+    logits = torch.zeros(4, 2, 8, 8)  # 2 bags x 2 instances
+    logits[:, 0] = 3.0
+    logits[3, 1] = 2.5  # the padded instance of bag 1 looks most lesion-like
+    valid = torch.tensor([[True, True], [True, False]])
+    logits.requires_grad_(True)
+    loss = size_prior_loss(logits, 2, (2 / 64, 10 / 64), s, valid)
+    loss.sum().backward()
+    assert float(logits.grad[3].abs().sum()) == 0.0
+    assert int((logits.grad[2, 1] < 0).sum()) == 2  # bag 1's targets lie in its real member
+    alone = size_prior_loss(logits.detach()[2:], 1, (2 / 64, 10 / 64), s, valid[1:])
+    assert float(alone[0]) == pytest.approx(float(loss[1]))
+
+
+def test_size_prior_reaches_the_weak_loss_only_on_positives() -> None:
+    from medseg_core.config import WeakConfig
+
+    torch.manual_seed(0)
+    model = _model()
+    x = torch.randn(3, 1, 32, 32)
+    labels = torch.full((3, 1, 32, 32), IGNORE_LABEL, dtype=torch.int64)
+    classes = torch.tensor([1, 0, -1])  # positive, negative, unlabeled
+    with_prior = WeakSettings.from_config(WeakConfig(size_prior=(0.01, 0.2), size_weight=2.0))
+    assert with_prior.size_prior == (0.01, 0.2) and with_prior.size_weight == 2.0
+
+    def per_case(settings: WeakSettings) -> list[float]:  # the loss reads the model's last CAM
+        loss_fn = WeakSegLoss(model, settings)
+        with torch.no_grad():
+            return [float(loss_fn(model(x[i:i + 1]), (labels[i:i + 1], classes[i:i + 1])))
+                    for i in range(3)]
+
+    plain, prior = per_case(WeakSettings()), per_case(with_prior)
+    assert prior[0] > plain[0]  # an untrained decoder's positive is outside the bounds
+    assert prior[1:] == pytest.approx(plain[1:])
+
+
+@pytest.mark.parametrize("bad", [[0.2, 0.1], [0.0, 0.1], [0.1, 1.5]])
+def test_size_prior_bounds_are_checked(bad: list[float]) -> None:
+    from medseg_core.config import TrainConfig
+    from medseg_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.weak\.size_prior.*0 < min < max <= 1.*Fix"):
+        parse_model(TrainConfig, {"weak": {"size_prior": bad}})
 
 
 def _site(tmp_path: Path, *, weak_head: str = "cam", **spec) -> SiteSession:

@@ -19,7 +19,7 @@ from medseg_core.models.heads import MilHead
 from medseg_core.sites import materialise_site
 from medseg_core.training.session import build_segmenter
 from medseg_core.training.site import RoundRequest, SiteSession
-from medseg_core.weak import MilLoss, check_bags, fold_bag_grad_samples
+from medseg_core.weak import MilLoss, WeakSettings, check_bags, fold_bag_grad_samples
 
 
 def _mil_model(pooling: str) -> torch.nn.Module:
@@ -28,10 +28,12 @@ def _mil_model(pooling: str) -> torch.nn.Module:
     return build_segmenter(cfg, DataConfig(image_size=16))
 
 
-@pytest.mark.parametrize("pooling", ["attention", "max"])
-def test_folded_grad_samples_are_per_bag_gradients(pooling: str) -> None:
+@pytest.mark.parametrize(("pooling", "size_prior"), [("attention", None), ("max", None),
+                                                     ("attention", (0.05, 0.3))])
+def test_folded_grad_samples_are_per_bag_gradients(pooling: str, size_prior) -> None:
     """What Opacus clips must be each bag's own gradient (the privacy unit)."""
     torch.manual_seed(0)
+    settings = WeakSettings(size_prior=size_prior)
     model = _mil_model(pooling)
     ModuleValidator.validate(model, strict=True)
     b, k = 3, 4
@@ -43,10 +45,10 @@ def test_folded_grad_samples_are_per_bag_gradients(pooling: str) -> None:
     per_bag = []
     for i in range(b):  # brute force: one bag at a time
         ref.zero_grad()
-        MilLoss(ref)(ref(x[i].reshape(k, 1, 16, 16)), (valid[i:i + 1], y[i:i + 1])).backward()
+        MilLoss(ref, settings)(ref(x[i].reshape(k, 1, 16, 16)), (valid[i:i + 1], y[i:i + 1])).backward()
         per_bag.append({n: p.grad.clone() for n, p in ref.named_parameters()})
     gsm = GradSampleModule(model, loss_reduction="mean")
-    MilLoss(model)(gsm(x.reshape(b * k, 1, 16, 16)), (valid, y)).backward()
+    MilLoss(model, settings)(gsm(x.reshape(b * k, 1, 16, 16)), (valid, y)).backward()
     fold_bag_grad_samples(gsm, b, k)
     for name, p in gsm.named_parameters():
         plain = name.removeprefix("_module.")
