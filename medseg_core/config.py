@@ -192,6 +192,12 @@ class WeakConfig(_Strict):
     # area of a positive image (MIL: of a positive bag), as a fraction of one image
     size_prior: tuple[float, float] | None = None
     size_weight: float = Field(default=1.0, ge=0.0)
+    # first round in which positives' pseudo-mask and size terms train the decoder
+    # (before it, weak cases train the CAM/MIL heads and their negatives only)
+    positives_from_round: int = Field(default=1, ge=1)
+    # weight of the weak cases' pixel terms (negatives' exact background, positives'
+    # pseudo-masks and size prior) against a mask case's Dice + CE
+    weak_weight: float = Field(default=1.0, ge=0.0)
 
     @field_validator("size_prior")
     @classmethod

@@ -414,12 +414,13 @@ class SiteSession:
         )
         if self.is_bag_site:
             result = fit_bags(model, self.train_bags, settings, privacy=plan, accountant=accountant,
-                              secure_mode=self.site.secure_mode, weak=self.weak_settings)
+                              secure_mode=self.site.secure_mode,
+                              weak=self.weak_settings.for_round(req.server_round))
         else:
             result = fit(
                 model, self.train_set, settings, num_classes=self.data_cfg.num_classes,
                 privacy=plan, accountant=accountant, secure_mode=self.site.secure_mode,
-                weak=self.weak_settings if self.weak else None,
+                weak=self.weak_settings.for_round(req.server_round) if self.weak else None,
             )
         shared = self.export_shared(result.state)
         if self.local_keys:

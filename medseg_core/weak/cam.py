@@ -37,7 +37,7 @@ co-training style check between two views of the same network.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,8 @@ class WeakSettings:
     cam_bootstrap: bool = False  # CAM region as foreground where the decoder finds nothing
     size_prior: tuple[float, float] | None = None  # [min, max] lesion area of a positive
     size_weight: float = 1.0
+    positives_from_round: int = 1  # warm-up: positives' decoder terms start in this round
+    positives: bool = True  # this round trains the decoder on positives (see the warm-up)
     fixmatch: bool = False
     fixmatch_threshold: float = 0.95
     fixmatch_weight: float = 1.0
@@ -87,8 +89,13 @@ class WeakSettings:
         if cfg is None:
             return cls()
         names = ("fixmatch", "fixmatch_threshold", "fixmatch_weight", "noisy_labels", "gce_q",
-                 "imbalance", "focal_gamma", "cam_bootstrap", "size_prior", "size_weight")
+                 "imbalance", "focal_gamma", "cam_bootstrap", "size_prior", "size_weight",
+                 "positives_from_round", "weak_weight")
         return cls(**{n: getattr(cfg, n) for n in names})
+
+    def for_round(self, server_round: int) -> WeakSettings:
+        """The settings of one training round (the positives' warm-up)."""
+        return replace(self, positives=server_round >= self.positives_from_round)
 
 
 def image_label_loss(logit: Tensor, target: Tensor, s: WeakSettings) -> Tensor:
@@ -279,7 +286,7 @@ class WeakSegLoss(nn.Module):
         bg_ce = pixel_ce(logits, torch.zeros_like(safe[:, 0]), self.s)
         bg_ce = bg_ce.flatten(1).mean(dim=1) * neg
         weak = self.s.neg_weight * bg_ce
-        if bool(pos.any()):
+        if bool(pos.any()) and self.s.positives:
             pseudo = pseudo_masks(cam.detach(), None, logits.detach(),
                                   tau_fg=self.s.tau_fg, tau_bg=self.s.tau_bg,
                                   bootstrap=self.s.cam_bootstrap)

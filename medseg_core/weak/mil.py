@@ -221,6 +221,8 @@ class MilLoss(nn.Module):
             positive_terms = positive_terms + self.s.size_weight * y * size_prior_loss(
                 logits, b, self.s.size_prior, self.s, valid)
 
+        if not self.s.positives:  # warm-up round: positives train the MIL/CAM heads only
+            positive_terms = positive_terms * 0.0
         total = (bag_loss + self.s.weak_weight * (negative_terms + positive_terms)
                  + self.s.mil_weight * mil * y)
         return total.sum() / b

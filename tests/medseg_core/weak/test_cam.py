@@ -149,6 +149,30 @@ def test_size_prior_reaches_the_weak_loss_only_on_positives() -> None:
     assert prior[1:] == pytest.approx(plain[1:])
 
 
+def test_positives_warm_up_keeps_only_the_image_loss_and_negatives_before_its_round() -> None:
+    from medseg_core.config import WeakConfig
+
+    torch.manual_seed(0)
+    model = _model()
+    x = torch.randn(2, 1, 32, 32)
+    labels = torch.full((2, 1, 32, 32), IGNORE_LABEL, dtype=torch.int64)
+    classes = torch.tensor([1, 0])
+    s = WeakSettings.from_config(WeakConfig(size_prior=(0.01, 0.2), positives_from_round=3))
+    assert [s.for_round(r).positives for r in (1, 2, 3, 4)] == [False, False, True, True]
+
+    def per_case(settings: WeakSettings) -> list[float]:
+        loss_fn = WeakSegLoss(model, settings)
+        with torch.no_grad():
+            return [float(loss_fn(model(x[i:i + 1]), (labels[i:i + 1], classes[i:i + 1])))
+                    for i in range(2)]
+
+    warm, full = per_case(s.for_round(2)), per_case(s.for_round(3))
+    only_cam = per_case(WeakSettings(cam_weight=0.2, weak_weight=0.0))
+    assert warm[0] == pytest.approx(only_cam[0])  # a positive: image-level loss only
+    assert full[0] > warm[0]
+    assert warm[1] == pytest.approx(full[1])  # a negative: the same in both
+
+
 @pytest.mark.parametrize("bad", [[0.2, 0.1], [0.0, 0.1], [0.1, 1.5]])
 def test_size_prior_bounds_are_checked(bad: list[float]) -> None:
     from medseg_core.config import TrainConfig
