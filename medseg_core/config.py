@@ -198,6 +198,8 @@ class WeakConfig(_Strict):
     # weight of the weak cases' pixel terms (negatives' exact background, positives'
     # pseudo-masks and size prior) against a mask case's Dice + CE
     weak_weight: float = Field(default=1.0, ge=0.0)
+    # weight of a MIL bag's classification loss (the image-level CAM loss has 0.2)
+    bag_weight: float = Field(default=1.0, ge=0.0)
 
     @field_validator("size_prior")
     @classmethod

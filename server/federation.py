@@ -324,7 +324,8 @@ def set_aggregation_weight(reply: Message, cfg: StrategyConfig) -> float:
     m = reply.content.metric_records[keys.METRICS]
     rec = reply.content.config_records.get(keys.SITE)
     regime = str(rec.get(keys.LABEL_REGIME, "")) if rec is not None else ""
-    w = float(m[keys.NUM_EXAMPLES]) * float(cfg.regime_weights.get(regime, 1.0))  # type: ignore[call-overload]
+    factor = cfg.regime_weights.get(regime, 1.0)  # type: ignore[call-overload]
+    w = float(m[keys.NUM_EXAMPLES]) * float(factor)
     m[keys.AGG_WEIGHT] = w
     return w
 

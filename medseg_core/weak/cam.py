@@ -63,6 +63,7 @@ class WeakSettings:
     # predictions); at cam_weight 0.2 without the constraint the image-level
     # site reached its full-mask Dice. See docs/architecture.md.
     cam_weight: float = 0.2
+    bag_weight: float = 1.0  # MIL bag classification loss
     weak_weight: float = 1.0
     mil_weight: float = 0.0
     tau_fg: float = 0.5
@@ -90,7 +91,7 @@ class WeakSettings:
             return cls()
         names = ("fixmatch", "fixmatch_threshold", "fixmatch_weight", "noisy_labels", "gce_q",
                  "imbalance", "focal_gamma", "cam_bootstrap", "size_prior", "size_weight",
-                 "positives_from_round", "weak_weight")
+                 "positives_from_round", "weak_weight", "bag_weight")
         return cls(**{n: getattr(cfg, n) for n in names})
 
     def for_round(self, server_round: int) -> WeakSettings:

@@ -184,7 +184,7 @@ class MilLoss(nn.Module):
         y = labels.to(logits.dtype)
         bag_loss = image_label_loss(bag_logit, y, self.s)
         if b == 0:
-            return bag_loss.sum() + logits.sum() * 0.0 + seg.last_cam.sum() * 0.0
+            return self.s.bag_weight * bag_loss.sum() + logits.sum() * 0.0 + seg.last_cam.sum() * 0.0
         vf = valid.to(logits.dtype)  # (B, K)
         n_valid = vf.sum(dim=1).clamp_min(1.0)
         neg = (1.0 - y)[:, None] * vf  # instance weights of negative bags
@@ -223,6 +223,6 @@ class MilLoss(nn.Module):
 
         if not self.s.positives:  # warm-up round: positives train the MIL/CAM heads only
             positive_terms = positive_terms * 0.0
-        total = (bag_loss + self.s.weak_weight * (negative_terms + positive_terms)
+        total = (self.s.bag_weight * bag_loss + self.s.weak_weight * (negative_terms + positive_terms)
                  + self.s.mil_weight * mil * y)
         return total.sum() / b

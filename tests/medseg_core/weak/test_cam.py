@@ -137,6 +137,7 @@ def test_size_prior_reaches_the_weak_loss_only_on_positives() -> None:
     classes = torch.tensor([1, 0, -1])  # positive, negative, unlabeled
     with_prior = WeakSettings.from_config(WeakConfig(size_prior=(0.01, 0.2), size_weight=2.0))
     assert with_prior.size_prior == (0.01, 0.2) and with_prior.size_weight == 2.0
+    assert WeakSettings.from_config(WeakConfig(weak_weight=0.1)).weak_weight == 0.1
 
     def per_case(settings: WeakSettings) -> list[float]:  # the loss reads the model's last CAM
         loss_fn = WeakSegLoss(model, settings)

@@ -146,3 +146,19 @@ def test_non_bag_site_trains_with_a_mil_head_present(tmp_path: Path) -> None:
     k = "mil_head.att_v.weight"
     assert np.array_equal(out.shared[k], glob[k])  # unused head: exported unchanged
     assert not np.array_equal(out.shared["cam_head.weight"], glob["cam_head.weight"])
+
+
+def test_bag_weight_scales_only_the_bag_classification_term() -> None:
+    torch.manual_seed(0)
+    model = _mil_model("attention")
+    x = torch.randn(2, 3, 1, 16, 16)
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    y = torch.tensor([1, 0])
+
+    def loss(**kw) -> float:  # noqa: ANN003
+        with torch.no_grad():
+            return float(MilLoss(model, WeakSettings(**kw))(model(x.reshape(6, 1, 16, 16)), (valid, y)))
+
+    bag_only = loss(weak_weight=0.0)
+    assert loss(weak_weight=0.0, bag_weight=0.2) == pytest.approx(0.2 * bag_only, rel=1e-5)
+    assert loss(bag_weight=0.0) == pytest.approx(loss() - bag_only, rel=1e-5)
