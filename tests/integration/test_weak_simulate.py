@@ -23,6 +23,7 @@ model: {channels: [8, 16], strides: [2], norm_groups: 4, weak_head: cam}
 data: {image_size: 32, val_fraction: 0.25}
 train: {local_epochs: 1, batch_size: 4, lr: 0.01}
 privacy: {enabled: true, epsilon: 8.0}
+strategy: {regime_weights: {image: 0.5}}   # the image site's update counts half in the average
 """
 
 
