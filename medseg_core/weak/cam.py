@@ -182,8 +182,9 @@ def size_prior_loss(logits: Tensor, groups: int, prior: tuple[float, float], s: 
     least ``min * H * W`` lesion pixels and at most ``max * H * W``. This is
     the hard (top-k) form of the constrained CNN of Pathak, Kraehenbuehl &
     Darrell (2015, ICCV, "Constrained Convolutional Neural Networks for Weakly
-    Supervised Segmentation"): the latent target closest to the prediction
-    that satisfies the constraint. Where the decoder predicts fewer
+    Supervised Segmentation"), whose latent target is the distribution
+    closest to the prediction that satisfies the constraint; here the
+    target is hard. Where the decoder predicts fewer
     foreground pixels than the minimum, its ``ceil(min * H * W)`` most
     lesion-like pixels become foreground targets; where it predicts more
     than the maximum, the foreground pixels beyond the top ``max * H * W``

@@ -188,7 +188,6 @@ class MilLoss(nn.Module):
         vf = valid.to(logits.dtype)  # (B, K)
         n_valid = vf.sum(dim=1).clamp_min(1.0)
         neg = (1.0 - y)[:, None] * vf  # instance weights of negative bags
-        pos = y[:, None] * vf
 
         bg_ce = F.cross_entropy(logits, torch.zeros_like(logits[:, 0], dtype=torch.int64),
                                 reduction="none").flatten(1).mean(dim=1).view(b, k)
@@ -207,6 +206,19 @@ class MilLoss(nn.Module):
             lse = (torch.logsumexp(r * margin.flatten(1), dim=1) - n_pix.log()) / r
             mil = image_label_loss(lse, y, self.s)
 
+        # warm-up rounds: positives train the MIL/CAM heads only
+        positive_terms = (self._positive_terms(logits, seg, att, valid, y, n_valid)
+                          if self.s.positives else logits.new_zeros(b))
+        total = (self.s.bag_weight * bag_loss + self.s.weak_weight * (negative_terms + positive_terms)
+                 + self.s.mil_weight * mil * y)
+        return total.sum() / b
+
+    def _positive_terms(self, logits: Tensor, seg: nn.Module, att: Tensor, valid: Tensor,
+                        y: Tensor, n_valid: Tensor) -> Tensor:
+        """Per bag: the refined CAM pseudo-mask on a positive bag's key
+        instances, plus the size prior over the whole bag (if set)."""
+        b, k = valid.shape
+        pos = y[:, None] * valid.to(logits.dtype)
         key = pos * (att.detach() * n_valid[:, None] >= 1.0 - 1e-6).to(logits.dtype)
         pseudo = pseudo_masks(seg.last_cam.detach(), None, logits.detach(),
                               tau_fg=self.s.tau_fg, tau_bg=self.s.tau_bg,
@@ -216,13 +228,8 @@ class MilLoss(nn.Module):
         sure = (pseudo != IGNORE_LABEL)[:, 0].to(logits.dtype)
         pce = pixel_ce(logits, pseudo[:, 0].clamp_min(0), self.s)
         pce = ((pce * sure).flatten(1).sum(dim=1) / sure.flatten(1).sum(dim=1).clamp_min(1.0)).view(b, k)
-        positive_terms = (pce * key).sum(dim=1) / key.sum(dim=1).clamp_min(1.0)
+        out = (pce * key).sum(dim=1) / key.sum(dim=1).clamp_min(1.0)
         if self.s.size_prior is not None:
-            positive_terms = positive_terms + self.s.size_weight * y * size_prior_loss(
+            out = out + self.s.size_weight * y * size_prior_loss(
                 logits, b, self.s.size_prior, self.s, valid)
-
-        if not self.s.positives:  # warm-up round: positives train the MIL/CAM heads only
-            positive_terms = positive_terms * 0.0
-        total = (self.s.bag_weight * bag_loss + self.s.weak_weight * (negative_terms + positive_terms)
-                 + self.s.mil_weight * mil * y)
-        return total.sum() / b
+        return out
