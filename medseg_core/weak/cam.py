@@ -47,8 +47,8 @@ from torch import Tensor, nn
 from medseg_core.data.slices import IGNORE_LABEL
 from medseg_core.models.heads import last_cam
 
-__all__ = ["WeakSegLoss", "WeakSettings", "image_label_loss", "pixel_ce", "pseudo_masks",
-           "size_prior_loss"]
+__all__ = ["WeakSegLoss", "WeakSettings", "image_label_loss", "pixel_ce", "pseudo_mask_ce",
+           "pseudo_masks", "size_prior_loss"]
 
 
 @dataclass(frozen=True)
@@ -89,10 +89,7 @@ class WeakSettings:
         """From a :class:`medseg_core.config.WeakConfig` (None: defaults)."""
         if cfg is None:
             return cls()
-        names = ("fixmatch", "fixmatch_threshold", "fixmatch_weight", "noisy_labels", "gce_q",
-                 "imbalance", "focal_gamma", "cam_bootstrap", "size_prior", "size_weight",
-                 "positives_from_round", "weak_weight", "bag_weight")
-        return cls(**{n: getattr(cfg, n) for n in names})
+        return cls(**{n: getattr(cfg, n) for n in type(cfg).model_fields})
 
     def for_round(self, server_round: int) -> WeakSettings:
         """The settings of one training round (the positives' warm-up)."""
@@ -171,6 +168,18 @@ def pseudo_masks(
         fg = fg | silent[:, None, None, None]
     out[(rel >= tau_fg) & fg] = 1
     return out
+
+
+def pseudo_mask_ce(cam: Tensor, logits: Tensor, s: WeakSettings) -> Tensor:
+    """Per image ``(N,)``: cross-entropy against the refined CAM pseudo-mask
+    (:func:`pseudo_masks`), averaged over the pixels it is sure of."""
+    pseudo = pseudo_masks(cam.detach(), None, logits.detach(), tau_fg=s.tau_fg, tau_bg=s.tau_bg,
+                          bootstrap=s.cam_bootstrap)
+    if not s.pseudo_bg:
+        pseudo = torch.where(pseudo == 0, torch.full_like(pseudo, IGNORE_LABEL), pseudo)
+    sure = (pseudo != IGNORE_LABEL)[:, 0].to(logits.dtype)
+    ce = pixel_ce(logits, pseudo[:, 0].clamp_min(0), s)
+    return (ce * sure).flatten(1).sum(dim=1) / sure.flatten(1).sum(dim=1).clamp_min(1.0)
 
 
 def size_prior_loss(logits: Tensor, groups: int, prior: tuple[float, float], s: WeakSettings,
@@ -289,15 +298,7 @@ class WeakSegLoss(nn.Module):
         bg_ce = bg_ce.flatten(1).mean(dim=1) * neg
         weak = self.s.neg_weight * bg_ce
         if bool(pos.any()) and self.s.positives:
-            pseudo = pseudo_masks(cam.detach(), None, logits.detach(),
-                                  tau_fg=self.s.tau_fg, tau_bg=self.s.tau_bg,
-                                  bootstrap=self.s.cam_bootstrap)
-            if not self.s.pseudo_bg:
-                pseudo = torch.where(pseudo == 0, torch.full_like(pseudo, IGNORE_LABEL), pseudo)
-            sure = (pseudo != IGNORE_LABEL)[:, 0].to(logits.dtype)
-            pce = pixel_ce(logits, pseudo[:, 0].clamp_min(0), self.s)
-            pce = (pce * sure).flatten(1).sum(dim=1) / sure.flatten(1).sum(dim=1).clamp_min(1.0)
-            weak = weak + pce * pos
+            weak = weak + pseudo_mask_ce(cam, logits, self.s) * pos
             if self.s.size_prior is not None:
                 weak = weak + self.s.size_weight * size_prior_loss(logits, b, self.s.size_prior,
                                                                    self.s) * pos

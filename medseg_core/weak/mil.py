@@ -40,16 +40,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medseg_core.data.datalist import Case
-from medseg_core.data.slices import IGNORE_LABEL, SliceSet
+from medseg_core.data.slices import SliceSet
 from medseg_core.errors import DataIntegrityError
 from medseg_core.models.heads import cam_segmenter
-from medseg_core.weak.cam import (
-    WeakSettings,
-    image_label_loss,
-    pixel_ce,
-    pseudo_masks,
-    size_prior_loss,
-)
+from medseg_core.weak.cam import WeakSettings, image_label_loss, pseudo_mask_ce, size_prior_loss
 
 __all__ = ["BagSet", "MilLoss", "bags_from_slices", "check_bags", "fold_bag_grad_samples"]
 
@@ -220,14 +214,7 @@ class MilLoss(nn.Module):
         b, k = valid.shape
         pos = y[:, None] * valid.to(logits.dtype)
         key = pos * (att.detach() * n_valid[:, None] >= 1.0 - 1e-6).to(logits.dtype)
-        pseudo = pseudo_masks(seg.last_cam.detach(), None, logits.detach(),
-                              tau_fg=self.s.tau_fg, tau_bg=self.s.tau_bg,
-                              bootstrap=self.s.cam_bootstrap)
-        if not self.s.pseudo_bg:
-            pseudo = torch.where(pseudo == 0, torch.full_like(pseudo, IGNORE_LABEL), pseudo)
-        sure = (pseudo != IGNORE_LABEL)[:, 0].to(logits.dtype)
-        pce = pixel_ce(logits, pseudo[:, 0].clamp_min(0), self.s)
-        pce = ((pce * sure).flatten(1).sum(dim=1) / sure.flatten(1).sum(dim=1).clamp_min(1.0)).view(b, k)
+        pce = pseudo_mask_ce(seg.last_cam, logits, self.s).view(b, k)
         out = (pce * key).sum(dim=1) / key.sum(dim=1).clamp_min(1.0)
         if self.s.size_prior is not None:
             out = out + self.s.size_weight * y * size_prior_loss(

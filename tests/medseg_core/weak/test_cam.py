@@ -94,6 +94,15 @@ def test_pseudo_mask_bootstraps_from_the_cam_where_the_decoder_finds_nothing() -
     assert WeakSettings.from_config(WeakConfig()).cam_bootstrap is False
 
 
+def _per_case_loss(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
+                   classes: torch.Tensor, settings: WeakSettings) -> list[float]:
+    """WeakSegLoss of each case alone (the loss reads the model's last CAM)."""
+    loss_fn = WeakSegLoss(model, settings)
+    with torch.no_grad():
+        return [float(loss_fn(model(x[i:i + 1]), (labels[i:i + 1], classes[i:i + 1])))
+                for i in range(len(x))]
+
+
 def test_size_prior_targets_the_most_lesion_like_pixels_of_a_silent_positive() -> None:
     s = WeakSettings()
     logits = torch.zeros(3, 2, 8, 8)
@@ -138,14 +147,8 @@ def test_size_prior_reaches_the_weak_loss_only_on_positives() -> None:
     with_prior = WeakSettings.from_config(WeakConfig(size_prior=(0.01, 0.2), size_weight=2.0))
     assert with_prior.size_prior == (0.01, 0.2) and with_prior.size_weight == 2.0
     assert WeakSettings.from_config(WeakConfig(weak_weight=0.1)).weak_weight == 0.1
-
-    def per_case(settings: WeakSettings) -> list[float]:  # the loss reads the model's last CAM
-        loss_fn = WeakSegLoss(model, settings)
-        with torch.no_grad():
-            return [float(loss_fn(model(x[i:i + 1]), (labels[i:i + 1], classes[i:i + 1])))
-                    for i in range(3)]
-
-    plain, prior = per_case(WeakSettings()), per_case(with_prior)
+    plain = _per_case_loss(model, x, labels, classes, WeakSettings())
+    prior = _per_case_loss(model, x, labels, classes, with_prior)
     assert prior[0] > plain[0]  # an untrained decoder's positive is outside the bounds
     assert prior[1:] == pytest.approx(plain[1:])
 
@@ -160,12 +163,8 @@ def test_positives_warm_up_keeps_only_the_image_loss_and_negatives_before_its_ro
     classes = torch.tensor([1, 0])
     s = WeakSettings.from_config(WeakConfig(size_prior=(0.01, 0.2), positives_from_round=3))
     assert [s.for_round(r).positives for r in (1, 2, 3, 4)] == [False, False, True, True]
-
     def per_case(settings: WeakSettings) -> list[float]:
-        loss_fn = WeakSegLoss(model, settings)
-        with torch.no_grad():
-            return [float(loss_fn(model(x[i:i + 1]), (labels[i:i + 1], classes[i:i + 1])))
-                    for i in range(2)]
+        return _per_case_loss(model, x, labels, classes, settings)
 
     warm, full = per_case(s.for_round(2)), per_case(s.for_round(3))
     only_cam = per_case(WeakSettings(cam_weight=0.2, weak_weight=0.0))

@@ -148,34 +148,31 @@ def test_non_bag_site_trains_with_a_mil_head_present(tmp_path: Path) -> None:
     assert not np.array_equal(out.shared["cam_head.weight"], glob["cam_head.weight"])
 
 
-def test_bag_weight_scales_only_the_bag_classification_term() -> None:
+def _two_bag_loss(labels: list[int]):  # noqa: ANN202
+    """MilLoss of two fixed 3-instance bags with ``labels``, as a function of the settings."""
     torch.manual_seed(0)
     model = _mil_model("attention")
-    x = torch.randn(2, 3, 1, 16, 16)
+    x = torch.randn(6, 1, 16, 16)
     valid = torch.ones(2, 3, dtype=torch.bool)
-    y = torch.tensor([1, 0])
-
-    def loss(**kw) -> float:  # noqa: ANN003
-        with torch.no_grad():
-            return float(MilLoss(model, WeakSettings(**kw))(model(x.reshape(6, 1, 16, 16)), (valid, y)))
-
-    bag_only = loss(weak_weight=0.0)
-    assert loss(weak_weight=0.0, bag_weight=0.2) == pytest.approx(0.2 * bag_only, rel=1e-5)
-    assert loss(bag_weight=0.0) == pytest.approx(loss() - bag_only, rel=1e-5)
-
-
-def test_warm_up_round_trains_positive_bags_by_their_bag_label_only() -> None:
-    torch.manual_seed(0)
-    model = _mil_model("attention")
-    x = torch.randn(2, 3, 1, 16, 16)
-    valid = torch.ones(2, 3, dtype=torch.bool)
-    y = torch.tensor([1, 1])
-    s = WeakSettings(positives_from_round=4, size_prior=(0.05, 0.3))
+    y = torch.tensor(labels)
 
     def loss(settings: WeakSettings) -> float:
         with torch.no_grad():
-            return float(MilLoss(model, settings)(model(x.reshape(6, 1, 16, 16)), (valid, y)))
+            return float(MilLoss(model, settings)(model(x), (valid, y)))
 
+    return loss
+
+
+def test_bag_weight_scales_only_the_bag_classification_term() -> None:
+    loss = _two_bag_loss([1, 0])
+    bag_only = loss(WeakSettings(weak_weight=0.0))
+    assert loss(WeakSettings(weak_weight=0.0, bag_weight=0.2)) == pytest.approx(0.2 * bag_only, rel=1e-5)
+    assert loss(WeakSettings(bag_weight=0.0)) == pytest.approx(loss(WeakSettings()) - bag_only, rel=1e-5)
+
+
+def test_warm_up_round_trains_positive_bags_by_their_bag_label_only() -> None:
+    loss = _two_bag_loss([1, 1])
+    s = WeakSettings(positives_from_round=4, size_prior=(0.05, 0.3))
     bag_only = loss(WeakSettings(weak_weight=0.0))
     assert loss(s.for_round(3)) == pytest.approx(bag_only, rel=1e-5)
     assert loss(s.for_round(4)) > bag_only
