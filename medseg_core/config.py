@@ -188,6 +188,13 @@ class WeakConfig(_Strict):
     # positives on which the decoder predicts nothing take their CAM region as
     # pseudo-foreground (else they only teach background; see weak/cam.py)
     cam_bootstrap: bool = False
+    # positives' pseudo-foreground: "agree" (CAM region where the decoder also says
+    # lesion) or "decoder" (the decoder's own top region: p >= tau_fg * max p, >= fg_floor)
+    pseudo_fg: Literal["agree", "decoder"] = "agree"
+    fg_floor: float = Field(default=0.2, gt=0.0, lt=1.0)
+    # CAM-low pixels (< tau_bg * max) of positives as background (off: positives
+    # teach foreground only; negatives still teach background)
+    pseudo_bg: bool = True
     # size constraint on positives (CCNN, Pathak et al. 2015): [min, max] foreground
     # area of a positive image (MIL: of a positive bag), as a fraction of one image
     size_prior: tuple[float, float] | None = None

@@ -94,6 +94,36 @@ def test_pseudo_mask_bootstraps_from_the_cam_where_the_decoder_finds_nothing() -
     assert WeakSettings.from_config(WeakConfig()).cam_bootstrap is False
 
 
+def test_pseudo_mask_from_the_decoder_takes_its_top_region_wherever_the_cam_is() -> None:
+    from medseg_core.config import WeakConfig
+
+    cam = torch.zeros(2, 1, 4, 4)
+    cam[:, 0, 0, 3] = 4.0  # the CAM fires in a corner, away from the lesion
+    seg = torch.zeros(2, 2, 8, 8)
+    seg[:, 0] = 2.0
+    seg[0, 1, 4:6, 1:3] = 2.4  # a timid decoder: p = 0.6 on its lesion, nowhere > 0.5 else
+    seg[0, 1, 4, 3] = 1.0  # p = 0.27: under half the image's maximum
+    seg[1, 1] = -1.0  # image 1: p = 0.05 everywhere, under the floor
+    pm = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2, fg_source="decoder", fg_floor=0.2)
+    assert bool((pm[0, 0, 4:6, 1:3] == 1).all())  # the decoder's region, although the CAM is low
+    assert int(pm[0, 0, 4, 3]) == 0 and int(pm[0, 0, 0, 0]) == 0  # CAM-low background
+    assert not bool((pm[1] == 1).any())  # nothing above the floor: no foreground
+    agree = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2)
+    assert not bool((agree == 1).any())  # the agreement rule finds nothing here
+    with pytest.raises(ValueError, match="pseudo-foreground source 'cam'.*'decoder'"):
+        pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2, fg_source="cam")
+    s = WeakSettings.from_config(WeakConfig(pseudo_fg="decoder", fg_floor=0.3, pseudo_bg=False))
+    assert (s.pseudo_fg, s.fg_floor, s.pseudo_bg) == ("decoder", 0.3, False)
+    # without CAM background, a positive is scored on its pseudo-foreground only
+    from medseg_core.weak.cam import pseudo_mask_ce
+
+    logits = seg.clone().requires_grad_(True)
+    ce = pseudo_mask_ce(cam, logits, s)
+    fg_only = torch.nn.functional.cross_entropy(seg[0:1, :, 4:6, 1:3], torch.ones(1, 2, 2,
+                                                dtype=torch.int64))
+    assert float(ce[0].detach()) == pytest.approx(float(fg_only)) and float(ce[1].detach()) == 0.0
+
+
 def _per_case_loss(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
                    classes: torch.Tensor, settings: WeakSettings) -> list[float]:
     """WeakSegLoss of each case alone (the loss reads the model's last CAM)."""
