@@ -70,10 +70,13 @@ def main() -> None:
         test = SiteSession(site, model_cfg=scenario.model, data_cfg=scenario.data).test_set
         y = test.labels[:, 0] > 0
         pos = y.flatten(1).any(1)
+        if not bool(pos.any()):
+            print(f"{spec.id:20s} [{spec.label_regime}] no lesion in its test split: nothing to score")
+            continue
         with torch.no_grad():
             logits = model(test.images)
             cam = last_cam(model)
-        auc = roc_auc(cam.flatten(1).mean(1), pos.long())
+        auc = roc_auc(cam.flatten(1).mean(1), pos.long())  # nan with one class only
         logits, cam, y = logits[pos], cam[pos], y[pos]
         c = F.interpolate(F.relu(cam), size=y.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         rel = c / c.flatten(1).amax(1).clamp_min(1e-6)[:, None, None]

@@ -195,6 +195,9 @@ class WeakConfig(_Strict):
     # CAM-low pixels (< tau_bg * max) of positives as background (off: positives
     # teach foreground only; negatives still teach background)
     pseudo_bg: bool = True
+    # seeded region growing of the pseudo-foreground (Huang et al. 2018, DSRG) into
+    # neighbouring pixels where the decoder's foreground probability is >= grow
+    grow: float | None = Field(default=None, gt=0.0, lt=1.0)
     # size constraint on positives (CCNN, Pathak et al. 2015): [min, max] foreground
     # area of a positive image (MIL: of a positive bag), as a fraction of one image
     size_prior: tuple[float, float] | None = None
@@ -205,8 +208,11 @@ class WeakConfig(_Strict):
     # weight of the weak cases' pixel terms (negatives' exact background, positives'
     # pseudo-masks and size prior) against a mask case's Dice + CE
     weak_weight: float = Field(default=1.0, ge=0.0)
-    # weight of a MIL bag's classification loss (the image-level CAM loss has 0.2)
+    # weight of a MIL bag's classification loss
     bag_weight: float = Field(default=1.0, ge=0.0)
+    # weight of the CAM head's image-level classification loss (0.2: at 1 the
+    # decoder of a 2-site federation collapsed; docs/architecture.md)
+    cam_weight: float = Field(default=0.2, ge=0.0)
 
     @field_validator("size_prior")
     @classmethod

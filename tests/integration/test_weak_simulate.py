@@ -3,6 +3,8 @@ simulation engine, with ``--compare`` (the same sites given full masks)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,7 @@ strategy: {regime_weights: {image: 0.5}}   # the image site's update counts half
 
 
 def test_mixed_regime_federation_with_compare(tmp_path: Path) -> None:
-    _, s, stdout = simulate(tmp_path, SCENARIO, "--compare")
+    out, s, stdout = simulate(tmp_path, SCENARIO, "--compare")
     per = s["federated"]["per_site"]
     assert per["masks"]["label_regime"] == "mask" and per["reports"]["label_regime"] == "image"
     for sid in ("masks", "reports"):
@@ -42,3 +44,13 @@ def test_mixed_regime_federation_with_compare(tmp_path: Path) -> None:
     assert full["label_regime"] == "mask"
     assert cmp["weak_over_full"]["reports"] == pytest.approx(per["reports"]["dice"] / full["dice"])
     assert "weak-label Dice / full-mask Dice" in stdout
+
+    # the pseudo-mask benchmark scores this run's CAM and pseudo-masks against
+    # the held-out masks, for both sites
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "pseudo_masks.py"
+    proc = subprocess.run([sys.executable, str(bench), str(out)], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if " auc " in line]
+    assert [r.split()[0] for r in rows] == ["masks", "reports"]
+    assert all("agree: prec" in r and "lesion-as-bg" in r for r in rows)

@@ -124,6 +124,35 @@ def test_pseudo_mask_from_the_decoder_takes_its_top_region_wherever_the_cam_is()
     assert float(ce[0].detach()) == pytest.approx(float(fg_only)) and float(ce[1].detach()) == 0.0
 
 
+def test_pseudo_mask_grows_from_its_seed_into_connected_likely_pixels_only() -> None:
+    from medseg_core.config import WeakConfig
+
+    cam = torch.zeros(2, 1, 4, 4)
+    cam[:, 0, :, 0:2] = 4.0  # CAM high on the left half, clearly low on the right
+    rel = torch.nn.functional.interpolate(cam, size=(8, 8), mode="bilinear", align_corners=False)
+    rel = (rel / rel.amax())[0, 0, 3]
+    seg = torch.zeros(2, 2, 8, 8)
+    seg[:, 0] = 2.0
+    seg[:, 1, 3, 1] = 5.0  # the seed: decoder sure (p > 0.5) where the CAM is high
+    seg[:, 1, 3, 2:8] = 1.5  # p = 0.38: under 0.5, above the growing threshold 0.3
+    seg[:, 1, 6, 0] = 1.5  # likely but not connected to the seed
+    seg[1, 1, 3, 1] = 0.0  # image 1: no seed at all
+    plain = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2)
+    grown = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2, grow=0.3)
+    assert int((plain[0] == 1).sum()) == 1 and int(plain[0, 0, 3, 1]) == 1
+    # the seed and its connected likely pixels, up to where the CAM is clearly low
+    reach = [c for c in range(1, 8) if bool((rel[1:c + 1] >= 0.2).all())]
+    assert 3 <= len(reach) < 7  # the row runs into CAM-low pixels before its end
+    assert [c for c in range(8) if int(grown[0, 0, 3, c]) == 1] == reach
+    assert int(grown[0, 0, 6, 0]) != 1 and int((grown[0] == 1).sum()) == len(reach)
+    assert not bool((grown[1] == 1).any())  # nothing to grow from
+    # each image is grown on its own: image 0 alone gives the same pseudo-mask
+    assert torch.equal(pseudo_masks(cam[:1], None, seg[:1], tau_fg=0.5, tau_bg=0.2, grow=0.3),
+                       grown[:1])
+    assert WeakSettings.from_config(WeakConfig(grow=0.3)).grow == 0.3
+    assert WeakSettings.from_config(WeakConfig()).grow is None
+
+
 def _per_case_loss(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor,
                    classes: torch.Tensor, settings: WeakSettings) -> list[float]:
     """WeakSegLoss of each case alone (the loss reads the model's last CAM)."""
