@@ -213,6 +213,10 @@ class WeakConfig(_Strict):
     # weight of the CAM head's image-level classification loss (0.2: at 1 the
     # decoder of a 2-site federation collapsed; docs/architecture.md)
     cam_weight: float = Field(default=0.2, ge=0.0)
+    # weight of the pixel-level MIL constraint on the decoder (Pathak et al. 2015):
+    # a log-sum-exp of its foreground logit says "lesion somewhere" on positives,
+    # "nowhere" on negatives (0: off; it hurt in the 2-site runs, docs/architecture.md)
+    mil_weight: float = Field(default=0.0, ge=0.0)
 
     @field_validator("size_prior")
     @classmethod

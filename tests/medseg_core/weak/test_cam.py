@@ -212,6 +212,35 @@ def test_size_prior_reaches_the_weak_loss_only_on_positives() -> None:
     assert prior[1:] == pytest.approx(plain[1:])
 
 
+def test_pixel_mil_constraint_and_cam_weight_reach_the_loss_from_the_config() -> None:
+    import math
+
+    import torch.nn.functional as F
+
+    from medseg_core.config import WeakConfig
+
+    torch.manual_seed(0)
+    model = _model()
+    x = torch.randn(3, 1, 32, 32)
+    labels = torch.full((3, 1, 32, 32), IGNORE_LABEL, dtype=torch.int64)
+    labels[2] = 0  # a mask case: the constraint is for image-level cases only
+    classes = torch.tensor([1, 0, 0])
+    s = WeakSettings.from_config(WeakConfig(mil_weight=0.5, cam_weight=0.0))
+    assert (s.mil_weight, s.cam_weight) == (0.5, 0.0)
+    with_mil = _per_case_loss(model, x, labels, classes, s)
+    without = _per_case_loss(model, x, labels, classes, WeakSettings(cam_weight=0.0))
+    with torch.no_grad():
+        logits = model(x)
+    margin = (logits[:, 1:].logsumexp(dim=1) - logits[:, 0]).flatten(1)
+    lse = (torch.logsumexp(5.0 * margin, dim=1) - math.log(margin.shape[1])) / 5.0
+    expected = F.binary_cross_entropy_with_logits(lse, torch.tensor([1.0, 0.0, 0.0]), reduction="none")
+    for i in (0, 1):  # the smooth-max term, weighted, on both image-level cases
+        assert with_mil[i] - without[i] == pytest.approx(0.5 * float(expected[i]), rel=1e-4)
+    assert with_mil[2] == pytest.approx(without[2])
+    cam_only = _per_case_loss(model, x, labels, classes, WeakSettings(cam_weight=1.0))
+    assert all(c > w for c, w in zip(cam_only, without))  # the CAM loss, on every case with a class
+
+
 def test_positives_warm_up_keeps_only_the_image_loss_and_negatives_before_its_round() -> None:
     from medseg_core.config import WeakConfig
 
