@@ -23,7 +23,7 @@ sites:
      shift: {gamma: 1.3}}
 model: {channels: [8, 16], strides: [2], norm_groups: 4, weak_head: cam}
 data: {image_size: 32, val_fraction: 0.25}
-train: {local_epochs: 1, batch_size: 4, lr: 0.01}
+train: {local_epochs: 1, batch_size: 4, lr: 0.01, weak: {mil_weight: 0.2}}   # the pixel-level MIL constraint on
 privacy: {enabled: true, epsilon: 8.0}
 strategy: {regime_weights: {image: 0.5}}   # the image site's update counts half in the average
 """
