@@ -164,6 +164,11 @@ def pseudo_masks(
     ``p >= 0.3`` reached recall 0.41-0.52 at precision 0.84-0.88
     (``benchmarks/pseudo_masks.py``).
 
+    Trained with, neither the decoder source nor growing beat the agreement
+    rule on the mixed-regime scenario (README, "Weak labels": growing
+    destabilised training, at ``grow=0.1`` it flooded the image while the
+    decoder was untrained); both are off by default.
+
     Parameters
     ----------
     cam
@@ -192,13 +197,12 @@ def pseudo_masks(
         fg = (p_fg >= tau_fg * p_max) & (p_fg >= fg_floor)
     elif fg_source == "agree":
         fg = p_fg >= 0.5
-    else:
-        raise ValueError(f"unknown pseudo-foreground source {fg_source!r}; valid: ['agree', 'decoder']")
-    if fg_source == "agree":
         if bootstrap:
             silent = ~fg.flatten(1).any(dim=1)  # the decoder finds nothing in the image
             fg = fg | silent[:, None, None, None]
         fg = fg & (rel >= tau_fg)
+    else:
+        raise ValueError(f"unknown pseudo-foreground source {fg_source!r}; valid: ['agree', 'decoder']")
     if grow is not None:
         allowed = (p_fg >= grow) & (rel >= tau_bg)
         for _ in range(grow_steps):
