@@ -47,7 +47,8 @@ from client.records import record_to_state, state_to_record
 from server.strategies import build_strategy
 from server.validation import validate_train_reply
 
-__all__ = ["FederationOutcome", "SiteResult", "initial_state", "run_federation", "set_aggregation_weight"]
+__all__ = ["FederationOutcome", "SiteResult", "in_site_order", "initial_state", "run_federation",
+           "set_aggregation_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,19 @@ def _site_of(msg: Message, node_sites: dict[int, str], node: int) -> str:
         if rec is not None and isinstance(rec.get(keys.SITE_ID), str):
             node_sites[node] = str(rec[keys.SITE_ID])
     return node_sites.get(node, f"node-{node}")
+
+
+def in_site_order(replies: list[tuple[int, Message]],
+                  node_sites: dict[int, str]) -> list[tuple[int, Message]]:
+    """``(node, reply)`` pairs sorted by site id (then node).
+
+    Replies arrive in the order the sites finish, which changes from run to
+    run; the strategies sum updates in list order, and a float32 sum depends
+    on its order. Sorted, a run's aggregate is the same whatever order the
+    sites finished in, so a seeded run reproduces (the weak-label path,
+    whose pseudo-mask thresholds amplify a last-bit difference, did not).
+    """
+    return sorted(replies, key=lambda nr: (_site_of(nr[1], node_sites, nr[0]), nr[0]))
 
 
 #: Seconds between two pulls for replies. Flower's HTTP grid sleeps 3 s between
@@ -203,11 +217,11 @@ def run_federation(
         logger.info("round %d/%d: training", rnd, scenario.rounds)
         store.start_round(run_id, rnd)
         reference = record_to_state(arrays)
-        replies = _send(
+        replies = in_site_order(_send(
             grid,
             strategy.configure_train(rnd, arrays, ConfigRecord(_train_config(scenario, run_id)), grid),
             timeout,
-        )
+        ), node_sites)
         accepted: list[Message] = []
         eps_round: list[float] = []
         losses: list[tuple[float, float]] = []
@@ -356,7 +370,8 @@ def _evaluate(
         "data": scenario.data.model_dump_json(),
         "weak": scenario.train.weak.model_dump_json(),
     })
-    replies = _send(grid, strategy.configure_evaluate(rnd, arrays, cfg, grid), timeout)
+    replies = in_site_order(_send(grid, strategy.configure_evaluate(rnd, arrays, cfg, grid),
+                                  timeout), node_sites)
     num, den = 0.0, 0.0
     for node, reply in replies:
         site = _site_of(reply, node_sites, node)

@@ -83,3 +83,43 @@ def test_regime_weights_must_be_positive_known_regimes() -> None:
         parse_model(StrategyConfig, {"regime_weights": {"image": 0.0}})
     with pytest.raises(ConfigError, match=r"regime_weights.*(mask|image|bag)"):
         parse_model(StrategyConfig, {"regime_weights": {"images": 0.5}})
+
+
+def test_replies_in_site_order_aggregate_the_same_whatever_order_they_arrived_in() -> None:
+    """A float32 weighted sum depends on its order; arrival order changes from
+    run to run, so the server sorts replies by site before aggregating."""
+    import numpy as np
+    from flwr.app import ConfigRecord, Message
+
+    from client.records import state_to_record
+    from medseg_core import keys
+    from server.federation import in_site_order, set_aggregation_weight
+
+    rng = np.random.default_rng(0)
+
+    def reply(site: str, node: int, n: int):  # noqa: ANN202
+        ins = Message(RecordDict({}), dst_node_id=node, message_type="train")
+        content = RecordDict({
+            keys.ARRAYS: state_to_record({"w": rng.standard_normal(4096).astype(np.float32)}),
+            keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: 0.1}),
+            keys.SITE: ConfigRecord({keys.SITE_ID: site, keys.LABEL_REGIME: "mask"}),
+        })
+        msg = Message(content, reply_to=ins)
+        set_aggregation_weight(msg, StrategyConfig(name="fedavg"))
+        return node, msg
+
+    pairs = [reply("masks", 7, 480), reply("reports-1", 3, 600), reply("reports-2", 11, 600),
+             reply("volumes", 5, 60)]
+
+    def aggregate(order: list[tuple[int, Message]]) -> np.ndarray:
+        arrays, _ = build_strategy(StrategyConfig(name="fedavg"), n_sites=4).aggregate_train(
+            1, [m for _, m in order])
+        return arrays["w"].numpy()
+
+    arrived = [pairs[3], pairs[1], pairs[0], pairs[2]]
+    assert not np.array_equal(aggregate(pairs), aggregate(arrived))  # order shows in the bits
+    node_sites: dict[int, str] = {}
+    assert [n for n, _ in in_site_order(arrived, node_sites)] == [7, 3, 11, 5]
+    assert node_sites == {7: "masks", 3: "reports-1", 11: "reports-2", 5: "volumes"}
+    assert np.array_equal(aggregate(in_site_order(arrived, node_sites)),
+                          aggregate(in_site_order(list(reversed(pairs)), node_sites)))
