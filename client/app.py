@@ -176,6 +176,7 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 min_component_voxels=int(cfg.get(keys.MIN_COMPONENT_VOXELS, 0)),
                 run_name=str(cfg.get(keys.RUN_NAME, "")),
                 model_round=int(cfg.get(keys.MODEL_ROUND, cfg[keys.SERVER_ROUND])),
+                bag_gate=bool(cfg.get(keys.BAG_GATE, False)),
             )
         except DataIntegrityError as exc:
             return _error_reply(msg, keys.ERR_DATA_INTEGRITY, exc)
@@ -198,6 +199,7 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 keys.N_TRAIN: len(session.train_set),
                 keys.HD95: float(res.hd95) if res.hd95 is not None else float("nan"),
                 keys.AUC: float(res.auc) if res.auc is not None else float("nan"),
+                keys.MIL_AUC: float(res.mil_auc) if res.mil_auc is not None else float("nan"),
                 keys.EMPTY_DICE: float(res.empty_dice) if res.empty_dice is not None else float("nan"),
                 keys.DICE_SE: float(res.dice_se) if res.dice_se is not None else float("nan"),
                 keys.EVAL_SPLIT: split,

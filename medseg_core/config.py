@@ -150,6 +150,10 @@ class DataConfig(_Strict):
     context_slices: int = Field(default=0, ge=0, le=3)
     num_classes: int = Field(default=2, ge=2)
     val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    # nnU-Net's default intensity augmentations (noise, blur, brightness, contrast,
+    # low resolution, gamma; medseg_core/data/augment.py) on every training sample,
+    # besides the random flips; against the scanner shift between sites
+    intensity_augment: bool = False
 
 
 class EvalConfig(_Strict):
@@ -162,6 +166,9 @@ class EvalConfig(_Strict):
     # best federated validation Dice (sites' own validation splits; the test
     # splits are never looked at). Baselines select the same way.
     select: Literal["last", "best_val"] = "last"
+    # MIL sites: a bag (e.g. a volume) that the MIL head's bag-level prediction
+    # calls negative (p < 0.5) is segmented as all background; other sites ignore it
+    bag_gate: bool = False
 
 
 class PrivacyConfig(_Strict):
@@ -415,6 +422,10 @@ class SiteConfig(_Strict):
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
     secure_mode: bool = False
     val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    # nnU-Net's default intensity augmentations (noise, blur, brightness, contrast,
+    # low resolution, gamma; medseg_core/data/augment.py) on every training sample,
+    # besides the random flips; against the scanner shift between sites
+    intensity_augment: bool = False
     seed: int = 0
     torch_threads: int = Field(default=1, ge=1)
     # Simulation only: make this site's replies misbehave (robustness tests).

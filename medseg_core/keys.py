@@ -25,6 +25,8 @@ AUC = "auc"  # image/bag-level ROC AUC on the site's test split
 EMPTY_DICE = "empty-dice"  # Dice an all-background prediction would score on that split
 DICE_SE = "dice-se"  # standard error of the split's Dice over its cases
 MIN_COMPONENT_VOXELS = "min-component-voxels"
+BAG_GATE = "bag-gate"  # evaluation: segment only the bags the MIL head calls positive
+MIL_AUC = "mil-auc"  # bag sites: AUC of the MIL head's bag-level prediction
 
 # MetricRecord keys sent by clients
 NUM_EXAMPLES = "num-examples"

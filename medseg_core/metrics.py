@@ -158,6 +158,7 @@ def evaluate_segmentation(
     num_classes: int,
     batch_size: int = 64,
     min_component_voxels: int = 0,
+    case_keep: Tensor | None = None,
 ) -> SegMetrics:
     """Predict every slice, group slices into cases and score each case.
 
@@ -182,6 +183,10 @@ def evaluate_segmentation(
         (per class, 3D connectivity over a case's stacked slices) smaller
         than this many voxels are set to background before scoring. 0 keeps
         the raw prediction.
+    case_keep
+        ``(n_cases,)`` bool indexed by case id, or None: a case whose entry
+        is False is predicted all background (a case-level classifier's
+        gate, e.g. the MIL head's bag prediction).
 
     Returns
     -------
@@ -206,6 +211,8 @@ def evaluate_segmentation(
     hd_metric = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
     gt = labels[:, 0].cpu()
     cases = case_index.cpu()
+    if case_keep is not None:
+        preds = torch.where(case_keep.cpu()[cases][:, None, None], preds, torch.zeros_like(preds))
     per_case_dice: list[float] = []
     per_case_hd: list[float] = []
     for case in torch.unique(cases).tolist():

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from medseg_core import keys
@@ -47,8 +47,8 @@ from client.records import record_to_state, state_to_record
 from server.strategies import build_strategy
 from server.validation import validate_train_reply
 
-__all__ = ["FederationOutcome", "SiteResult", "in_site_order", "initial_state", "run_federation",
-           "set_aggregation_weight"]
+__all__ = ["FederationOutcome", "SiteResult", "average_over_trainers", "in_site_order",
+           "initial_state", "run_federation", "set_aggregation_weight"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class SiteResult:
     n_train: int | None = None
     label_regime: str | None = None
     bag_auc: float | None = None
+    mil_auc: float | None = None  # bag sites: the MIL head's bag-level prediction
     dice_empty_baseline: float | None = None
     dice_se: float | None = None
 
@@ -264,6 +265,9 @@ def run_federation(
                     delta=float(priv[keys.DELTA]), accountant=str(priv[keys.ACCOUNTANT]),
                 ))
         if accepted:
+            filled = average_over_trainers(accepted, reference)
+            if filled:
+                logger.debug("round %d: averaged over the sites that trained them: %s", rnd, filled)
             new_arrays, _ = strategy.aggregate_train(rnd, accepted)
             if new_arrays is not None:
                 arrays = new_arrays
@@ -344,6 +348,50 @@ def set_aggregation_weight(reply: Message, cfg: StrategyConfig) -> float:
     return w
 
 
+def average_over_trainers(replies: list[Message], reference: dict[str, np.ndarray]) -> list[str]:
+    """Make every array's aggregate an average over the sites that trained it.
+
+    A site returns an array bit-identical to the round's global one when it
+    did not train it: a head its data does not use (the MIL head at a site
+    without bags, the CAM head at a site without image-level classes). In a
+    weighted average those copies pull the array back towards where it was:
+    the MIL head of the mixed-regime scenario, trained by one site weighted
+    0.1 x 60 bags against 1680 images, moved about 1/30 of its site's step
+    each round and its bag-level AUC stayed at chance. For each floating
+    array that some accepted replies changed and others did not, the
+    unchanged copies are replaced by the weighted mean (``agg-weight``) of
+    the changed ones, so any weighted average over all replies (FedAvg,
+    FedAvgM's pseudo-gradient, FedProx, FedAdam) equals the average over the
+    sites that trained the array. This is post-processing of what the sites
+    sent: no site's privacy guarantee changes. Arrays every site changed, or
+    none, are left as they are.
+
+    Returns
+    -------
+    list[str]
+        The keys whose unchanged copies were replaced.
+    """
+    weights = [float(r.content.metric_records[keys.METRICS][keys.AGG_WEIGHT]) for r in replies]
+    recs = [r.content.array_records[keys.ARRAYS] for r in replies]
+    filled = []
+    for k, ref in reference.items():
+        if not np.issubdtype(ref.dtype, np.floating):
+            continue
+        vals = [rec[k].numpy() for rec in recs]
+        same = [np.array_equal(v, ref) for v in vals]
+        trained_w = sum(w for w, s in zip(weights, same, strict=True) if not s)
+        if all(same) or not any(same) or trained_w <= 0:
+            continue
+        mean = sum(w * v.astype(np.float64) for w, v, s in zip(weights, vals, same, strict=True)
+                   if not s) / trained_w
+        fill = Array(np.ascontiguousarray(mean.astype(ref.dtype)))
+        for rec, s in zip(recs, same, strict=True):
+            if s:
+                rec[k] = fill
+        filled.append(k)
+    return filled
+
+
 def _evaluate(
     grid: Grid,
     strategy: Any,
@@ -366,6 +414,7 @@ def _evaluate(
         keys.RUN_NAME: run_id,
         keys.MODEL_ROUND: model_round,
         keys.MIN_COMPONENT_VOXELS: scenario.evaluation.min_component_voxels,
+        keys.BAG_GATE: scenario.evaluation.bag_gate,
         "model": scenario.model.model_dump_json(),
         "data": scenario.data.model_dump_json(),
         "weak": scenario.train.weak.model_dump_json(),
@@ -388,6 +437,7 @@ def _evaluate(
         dice, n = float(m[keys.DICE]), int(m[keys.NUM_EXAMPLES])
         hd = float(s.get(keys.HD95, math.nan))
         auc = float(s.get(keys.AUC, math.nan))
+        mil_auc = float(s.get(keys.MIL_AUC, math.nan))
         empty = float(s.get(keys.EMPTY_DICE, math.nan))
         se = float(s.get(keys.DICE_SE, math.nan))
         # n == 0: the site has no masks on this split (image-level labels only)
@@ -400,6 +450,7 @@ def _evaluate(
                 dice=dice if n else None, hd95=hd if math.isfinite(hd) else None,
                 n_train=int(s.get(keys.N_TRAIN, 0)), label_regime=str(s.get(keys.LABEL_REGIME, "")),
                 bag_auc=auc if math.isfinite(auc) else None,
+                mil_auc=mil_auc if math.isfinite(mil_auc) else None,
                 dice_empty_baseline=empty if math.isfinite(empty) else None,
                 dice_se=se if n and math.isfinite(se) else None,
             )

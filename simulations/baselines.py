@@ -112,11 +112,14 @@ def _train_arm(
 
 
 def _score(scenario: ScenarioConfig, state: dict[str, np.ndarray], sess: SiteSession) -> dict:
-    m = sess.evaluate(state, "test", min_component_voxels=scenario.evaluation.min_component_voxels)
+    m = sess.evaluate(state, "test", min_component_voxels=scenario.evaluation.min_component_voxels,
+                      bag_gate=scenario.evaluation.bag_gate)
     out: dict = {"dice": m.dice, "hd95": m.hd95, "dice_empty_baseline": m.empty_dice,
                  "dice_se": m.dice_se}
     if m.auc is not None:
         out["bag_auc"] = m.auc
+    if m.mil_auc is not None:
+        out["mil_auc"] = m.mil_auc
     return out
 
 

@@ -144,6 +144,7 @@ def run_simulate(scenario: ScenarioConfig, opts: SimulationOptions) -> dict[str,
                 sid: {"dice": r["dice"], "epsilon": r["epsilon"], "n_train": r["n_train"],
                       "hd95": r["hd95"], "label_regime": r["label_regime"],
                       **({"bag_auc": r["bag_auc"]} if r.get("bag_auc") is not None else {}),
+                      **({"mil_auc": r["mil_auc"]} if r.get("mil_auc") is not None else {}),
                       "dice_empty_baseline": r.get("dice_empty_baseline"),
                       "dice_se": r.get("dice_se")}
                 for sid, r in fed["sites"].items()
@@ -246,6 +247,12 @@ def format_table(summary: dict[str, Any]) -> str:
         lines.append(
             f"federated / pooled Dice = {summary['federated']['dice_mean'] / summary['pooled']['dice_mean']:.3f}"
         )
+    for sid in summary["sites"]:
+        fed = summary["federated"]["per_site"].get(sid, {})
+        if fed.get("mil_auc") is not None:
+            dec = fed.get("bag_auc")
+            lines.append(f"{sid}: bag-level AUC of the MIL head {fed['mil_auc']:.3f} (the "
+                         f"decoder's maximum: {'-' if dec is None else f'{dec:.3f}'})")
     cmp = summary.get("compare")
     if cmp:
         for sid, r in cmp["weak_over_full"].items():

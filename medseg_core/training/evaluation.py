@@ -13,6 +13,7 @@ from torch import nn
 from medseg_core.data.slices import SliceSet
 from medseg_core.metrics import case_scores, roc_auc
 from medseg_core.training.session import evaluate_state
+from medseg_core.weak.mil import bag_probabilities
 
 __all__ = ["SiteEval", "evaluate_split"]
 
@@ -32,6 +33,8 @@ class SiteEval:
     empty_dice: float | None = None
     # standard error of ``dice`` over the scored cases (None with fewer than two)
     dice_se: float | None = None
+    # bag sites: AUC of the MIL head's bag-level prediction (None otherwise)
+    mil_auc: float | None = None
 
 
 def _cases_with_masks(data: SliceSet) -> SliceSet | None:
@@ -45,24 +48,32 @@ def _cases_with_masks(data: SliceSet) -> SliceSet | None:
 
 def evaluate_split(
     model: nn.Module, data: SliceSet, *, num_classes: int, min_component_voxels: int = 0,
-    with_auc: bool = False,
+    with_auc: bool = False, bags: bool = False, bag_gate: bool = False,
 ) -> SiteEval:
     """Score ``model`` (weights loaded) on ``data``.
 
     Dice/HD95 over the cases with masks; with ``with_auc``, the image-level
     AUC over the cases with a known ``class``, scored by the maximum
-    foreground probability over the case.
+    foreground probability over the case. With ``bags`` (each case is a MIL
+    bag and the model has a MIL head), also the AUC of the MIL head's
+    bag-level prediction (with ``with_auc``); with ``bag_gate`` as well, a
+    case the MIL head calls negative (probability < 0.5) is segmented as
+    all background.
     """
+    if bag_gate and not bags:
+        raise ValueError("bag_gate needs bags=True (cases that are MIL bags and a MIL head)")
     masked = _cases_with_masks(data)
     seg, empty = None, None
     if masked is not None:
+        keep = (bag_probabilities(model, masked.images, masked.case_index) >= 0.5
+                if bag_gate else None)
         seg = evaluate_state(model, None, masked, num_classes=num_classes,
-                             min_component_voxels=min_component_voxels)
+                             min_component_voxels=min_component_voxels, case_keep=keep)
         has_fg = torch.zeros(len(masked.case_ids), dtype=torch.int64).scatter_reduce(
             0, masked.case_index, (masked.labels.flatten(1) > 0).any(dim=1).long(),
             reduce="amax", include_self=False)
         empty = float((has_fg == 0).float().mean())
-    auc = float("nan")
+    auc, mil_auc = float("nan"), float("nan")
     if with_auc and len(data):
         case_cls = torch.full((len(data.case_ids),), -1, dtype=torch.int64).scatter_reduce(
             0, data.case_index, data.classes, reduce="amax", include_self=False)
@@ -70,10 +81,14 @@ def evaluate_split(
         if bool(known.any()):
             scores = case_scores(model, data.images, data.case_index)
             auc = roc_auc(scores[known], case_cls[known])
+            if bags:
+                probs = bag_probabilities(model, data.images, data.case_index)
+                mil_auc = roc_auc(probs[known], case_cls[known])
     return SiteEval(
         dice=None if seg is None else float(seg.dice),
         hd95=None if seg is None or not np.isfinite(seg.hd95) else float(seg.hd95),
         n_dice=0 if masked is None else len(masked), auc=None if np.isnan(auc) else auc,
         empty_dice=empty,
         dice_se=None if seg is None or not np.isfinite(seg.dice_se) else float(seg.dice_se),
+        mil_auc=None if np.isnan(mil_auc) else mil_auc,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from medseg_core.config import DataConfig, ModelConfig
+from medseg_core.data.augment import intensity_augmentation
 from medseg_core.data.slices import IGNORE_LABEL, SliceSet
 from medseg_core.losses import build_loss
 from medseg_core.metrics import SegMetrics, evaluate_segmentation
@@ -55,6 +56,8 @@ class FitSettings:
     momentum: float = 0.0
     proximal_mu: float = 0.0
     augment: bool = True
+    # nnU-Net's intensity augmentations on top of the flips (medseg_core/data/augment.py)
+    intensity: bool = False
     seed: int = 0
 
 
@@ -71,13 +74,16 @@ class FitResult:
 
 class _FlipDataset(Dataset[tuple[torch.Tensor, ...]]):
     """Tensor pairs (or triples with image-level classes) with random flips
-    (image and mask flipped together)."""
+    (image and mask flipped together) and, with ``intensity``, the
+    intensity augmentation of :mod:`medseg_core.data.augment`."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, augment: bool,
-                 classes: torch.Tensor | None = None, fixmatch: bool = False) -> None:
+                 classes: torch.Tensor | None = None, fixmatch: bool = False,
+                 intensity: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.images, self.labels, self.augment = images, labels, augment
         self.classes = classes
         self.fixmatch = fixmatch and classes is not None
+        self.intensity = intensity
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -89,6 +95,8 @@ class _FlipDataset(Dataset[tuple[torch.Tensor, ...]]):
                 x, y = x.flip(-1), y.flip(-1)
             if torch.rand(()) < 0.5:
                 x, y = x.flip(-2), y.flip(-2)
+        if self.intensity is not None:
+            x = self.intensity(x)
         if self.classes is None:
             return x, y
         c = self.classes[i]
@@ -202,7 +210,9 @@ def fit(
         (len(train), 1, *train.images.shape[-2:]), IGNORE_LABEL, dtype=torch.int64)
     dataset = _FlipDataset(train.images, labels, augment=settings.augment,
                            classes=train.classes if weak is not None else None,
-                           fixmatch=weak is not None and weak.fixmatch)
+                           fixmatch=weak is not None and weak.fixmatch,
+                           intensity=intensity_augmentation(settings.seed) if settings.intensity
+                           else None)
     loader: DataLoader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True)
     optimizer = make_optimizer(
         model, settings.optimizer, settings.lr, momentum=settings.momentum  # type: ignore[arg-type]
@@ -236,6 +246,21 @@ def _freeze_unused_heads(model: nn.Module, *, cam_used: bool, mil_used: bool) ->
         seg.mil_head.requires_grad_(mil_used)
 
 
+class _IntensityBags(Dataset[tuple[torch.Tensor, ...]]):
+    """Bags ``(K, C, H, W)`` with one intensity-augmentation draw per bag (a
+    volume comes from one scanner: its slices share the draw)."""
+
+    def __init__(self, bags: Dataset, intensity: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.bags, self.intensity = bags, intensity
+
+    def __len__(self) -> int:
+        return len(self.bags)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        x, *rest = self.bags[i]
+        return (self.intensity(x.reshape(-1, *x.shape[2:])).reshape(x.shape), *rest)
+
+
 def bag_batch_size(batch_size: int, bag_len: int) -> int:
     """Bags per step: about ``batch_size`` instances (at least one bag)."""
     return max(1, round(batch_size / max(1, bag_len)))
@@ -262,9 +287,11 @@ def fit_bags(
     torch.manual_seed(settings.seed)
     _freeze_unused_heads(model, cam_used=True, mil_used=True)
     k = int(bags.images.shape[1])
+    bag_data: Dataset = TensorDataset(bags.images, bags.valid, bags.labels)
+    if settings.intensity:
+        bag_data = _IntensityBags(bag_data, intensity_augmentation(settings.seed))
     loader: DataLoader = DataLoader(
-        TensorDataset(bags.images, bags.valid, bags.labels),
-        batch_size=bag_batch_size(settings.batch_size, k), shuffle=True,
+        bag_data, batch_size=bag_batch_size(settings.batch_size, k), shuffle=True,
     )
     optimizer = make_optimizer(
         model, settings.optimizer, settings.lr, momentum=settings.momentum  # type: ignore[arg-type]
@@ -308,13 +335,15 @@ def evaluate_state(
     *,
     num_classes: int,
     min_component_voxels: int = 0,
+    case_keep: torch.Tensor | None = None,
 ) -> SegMetrics:
-    """Segmentation metrics of ``state`` (or the model's current weights) on ``data``."""
+    """Segmentation metrics of ``state`` (or the model's current weights) on
+    ``data`` (``case_keep``: see :func:`medseg_core.metrics.evaluate_segmentation`)."""
     if data.labels is None:
         raise ValueError("evaluation needs masks; this SliceSet has none")
     if state is not None:
         load_state(model, state)
     return evaluate_segmentation(
         model, data.images, data.labels, data.case_index, num_classes=num_classes,
-        min_component_voxels=min_component_voxels,
+        min_component_voxels=min_component_voxels, case_keep=case_keep,
     )

@@ -410,7 +410,7 @@ class SiteSession:
         settings = FitSettings(
             epochs=req.local_epochs, lr=req.lr, batch_size=req.batch_size,
             optimizer=req.optimizer, momentum=req.momentum, proximal_mu=req.proximal_mu,
-            seed=self._round_seed(req.server_round),
+            seed=self._round_seed(req.server_round), intensity=self.data_cfg.intensity_augment,
         )
         if self.is_bag_site:
             result = fit_bags(model, self.train_bags, settings, privacy=plan, accountant=accountant,
@@ -476,7 +476,7 @@ class SiteSession:
 
     def evaluate(
         self, state: Mapping[str, np.ndarray], split: str, *, min_component_voxels: int = 0,
-        run_name: str = "", model_round: int = 0,
+        run_name: str = "", model_round: int = 0, bag_gate: bool = False,
     ) -> SiteEval:
         """Metrics of the global ``state`` (of round ``model_round``) on the
         site's ``"val"`` or ``"test"`` split, with the site's private
@@ -484,13 +484,17 @@ class SiteSession:
 
         Dice/HD95 are computed on the cases with masks; the image-level AUC
         (test split) on the cases with a known ``class``, scored by the
-        maximum foreground probability over the case.
+        maximum foreground probability over the case; at a bag site also the
+        AUC of the MIL head's bag-level prediction, and with ``bag_gate`` a
+        bag the MIL head calls negative is segmented as all background
+        (``evaluation.bag_gate``; other sites ignore it).
         """
         model = build_segmenter(self.model_cfg, self.data_cfg)
         load_state(model, self.full_state(state, run_name, model_round))
+        bags = self.is_bag_site
         return evaluate_split(model, self.split_set(split), num_classes=self.data_cfg.num_classes,
                               min_component_voxels=min_component_voxels,
-                              with_auc=split == "test")
+                              with_auc=split == "test", bags=bags, bag_gate=bag_gate and bags)
 
     def _append_ledger(
         self, req: RoundRequest, plan: RoundPrivacyPlan, epsilon: float, steps: int

@@ -119,6 +119,50 @@ def check_bags(cases: Sequence[Case], site_id: str) -> dict[str, int]:
     return out
 
 
+def instance_embeddings(features: Tensor) -> Tensor:
+    """MIL instance embeddings ``(N, C)`` from bottleneck features ``(N, C, h, w)``:
+    their global average, L2-normalised and scaled by 4 (bounded inputs keep
+    the attention/classifier head stable at the segmenter's learning rate;
+    unnormalised, SGD with momentum diverged)."""
+    return F.normalize(features.mean(dim=(2, 3)), dim=1) * 4.0
+
+
+@torch.no_grad()
+def bag_probabilities(model: nn.Module, images: Tensor, case_index: Tensor, *,
+                      batch_size: int = 64) -> Tensor:
+    """The MIL head's bag-level prediction: ``(n_cases,)`` probability that
+    each case (a bag of the slices sharing its ``case_index``) holds a lesion.
+
+    Raises
+    ------
+    ValueError
+        ``model`` has no MIL head (``model.mil_pooling: none``).
+    """
+    seg = cam_segmenter(model)
+    if seg is None or seg.mil_head is None:
+        raise ValueError("bag-level prediction needs a model with a MIL head (model.mil_pooling)")
+    was = model.training
+    model.eval()
+    try:
+        parts = []
+        for i in range(0, len(images), batch_size):
+            model(images[i:i + batch_size])
+            parts.append(instance_embeddings(seg.last_features))
+    finally:
+        model.train(was)
+    h = torch.cat(parts)
+    n = int(case_index.max()) + 1
+    k = int(torch.bincount(case_index, minlength=n).max())
+    padded = h.new_zeros((n, k, h.shape[1]))
+    valid = torch.zeros((n, k), dtype=torch.bool)
+    for j in range(n):
+        rows = torch.nonzero(case_index == j).squeeze(1)
+        padded[j, : len(rows)] = h[rows]
+        valid[j, : len(rows)] = True
+    logits, _ = seg.mil_head(padded.view(n * k, -1), valid)
+    return torch.sigmoid(logits)
+
+
 def bags_from_slices(slices: SliceSet, labels: dict[str, int]) -> BagSet:
     """Group slices by their bag id (slice order kept within a bag)."""
     order: dict[str, list[int]] = {}
@@ -170,10 +214,7 @@ class MilLoss(nn.Module):
         if seg is None or seg.mil_head is None or seg.last_features is None:
             raise ValueError("MilLoss needs a model with a MIL head (model.mil_pooling)")
         b, k = valid.shape
-        # Instance embeddings: global average of the bottleneck, L2-normalised
-        # (bounded inputs keep the attention/classifier head stable at the
-        # segmenter's learning rate; unnormalised, SGD+momentum diverged).
-        h = F.normalize(seg.last_features.mean(dim=(2, 3)), dim=1) * 4.0
+        h = instance_embeddings(seg.last_features)
         bag_logit, att = seg.mil_head(h, valid)
         y = labels.to(logits.dtype)
         bag_loss = image_label_loss(bag_logit, y, self.s)

@@ -21,11 +21,14 @@ sites:
   - {id: masks, n_train: 10, n_test: 4, label_regime: mask}
   - {id: reports, n_train: 10, n_test: 4, label_regime: image, lesion_prevalence: 0.5,
      shift: {gamma: 1.3}}
-model: {channels: [8, 16], strides: [2], norm_groups: 4, weak_head: cam}
+  - {id: volumes, dims: 3, depth: 4, n_train: 6, n_test: 4, label_regime: bag,
+     lesion_prevalence: 0.5}
+model: {channels: [8, 16], strides: [2], norm_groups: 4, weak_head: cam, mil_pooling: attention}
 data: {image_size: 32, val_fraction: 0.25}
 train: {local_epochs: 1, batch_size: 4, lr: 0.01, weak: {mil_weight: 0.2}}   # the pixel-level MIL constraint on
 privacy: {enabled: true, epsilon: 8.0}
 strategy: {regime_weights: {image: 0.5}}   # the image site's update counts half in the average
+evaluation: {bag_gate: true}   # the MIL site's volumes are segmented only where its MIL head says lesion
 """
 
 
@@ -37,9 +40,12 @@ def test_mixed_regime_federation_with_compare(tmp_path: Path) -> None:
         assert 0.0 <= per[sid]["dice"] <= 1.0  # synthetic test masks, scoring only
         assert 0.0 <= per[sid]["bag_auc"] <= 1.0
         assert 0.0 < per[sid]["epsilon"] <= 8.0 + 1e-6
+    assert per["volumes"]["label_regime"] == "bag"
+    assert 0.0 <= per["volumes"]["mil_auc"] <= 1.0  # the MIL head's bag-level prediction
+    assert "volumes: bag-level AUC of the MIL head" in stdout
     assert s["federated"]["rejected_updates"] == 0
     cmp = s["compare"]
-    assert cmp["weak_sites"] == ["reports"]
+    assert cmp["weak_sites"] == ["reports", "volumes"]
     full = cmp["full_masks"]["per_site"]["reports"]
     assert full["label_regime"] == "mask"
     assert cmp["weak_over_full"]["reports"] == pytest.approx(per["reports"]["dice"] / full["dice"])

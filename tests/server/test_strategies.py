@@ -123,3 +123,46 @@ def test_replies_in_site_order_aggregate_the_same_whatever_order_they_arrived_in
     assert node_sites == {7: "masks", 3: "reports-1", 11: "reports-2", 5: "volumes"}
     assert np.array_equal(aggregate(in_site_order(arrived, node_sites)),
                           aggregate(in_site_order(list(reversed(pairs)), node_sites)))
+
+
+@pytest.mark.parametrize("name", [StrategyName.FEDAVG, StrategyName.FEDAVGM])
+def test_an_array_is_averaged_over_the_sites_that_trained_it(name: StrategyName) -> None:
+    """A site that did not train a head returns it unchanged; its copy must not
+    pull the aggregate back (the MIL head trained by one bag site)."""
+    import numpy as np
+    from flwr.app import ConfigRecord, Message
+
+    from client.records import state_to_record
+    from medseg_core import keys
+    from server.federation import average_over_trainers, set_aggregation_weight
+
+    ref = {"body": np.zeros(3, np.float32), "mil_head": np.zeros(2, np.float32),
+           "unused": np.ones(2, np.float32), "steps": np.array([5], np.int64)}
+
+    def reply(body: float, head: float | None, n: int) -> Message:
+        state = {"body": np.full(3, body, np.float32),
+                 "mil_head": ref["mil_head"] if head is None else np.full(2, head, np.float32),
+                 "unused": ref["unused"], "steps": ref["steps"]}
+        ins = Message(RecordDict({}), dst_node_id=1, message_type="train")
+        msg = Message(RecordDict({
+            keys.ARRAYS: state_to_record(state),
+            keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: 0.1}),
+            keys.SITE: ConfigRecord({keys.SITE_ID: "s", keys.LABEL_REGIME: "mask"}),
+        }), reply_to=ins)
+        set_aggregation_weight(msg, StrategyConfig(name="fedavg"))
+        return msg
+
+    # two sites trained the MIL head (weights 100 and 300), two did not
+    replies = [reply(1.0, 2.0, 100), reply(2.0, None, 200), reply(3.0, 6.0, 300),
+               reply(4.0, None, 400)]
+    assert average_over_trainers(replies, ref) == ["mil_head"]
+    strategy = build_strategy(StrategyConfig(name=name), n_sites=4)
+    if name == StrategyName.FEDAVGM:
+        strategy.current_arrays = state_to_record(ref)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays["mil_head"].numpy() == pytest.approx((100 * 2.0 + 300 * 6.0) / 400)  # 5.0
+    assert arrays["body"].numpy() == pytest.approx((100 + 400 + 900 + 1600) / 1000)  # everyone
+    assert arrays["unused"].numpy() == pytest.approx(1.0)
+    # nobody trained it, or everybody did: nothing to fill
+    assert average_over_trainers([reply(1.0, None, 10), reply(2.0, None, 10)], ref) == []
+    assert average_over_trainers([reply(1.0, 1.0, 10), reply(2.0, 3.0, 10)], ref) == []

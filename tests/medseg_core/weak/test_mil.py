@@ -176,3 +176,40 @@ def test_warm_up_round_trains_positive_bags_by_their_bag_label_only() -> None:
     bag_only = loss(WeakSettings(weak_weight=0.0))
     assert loss(s.for_round(3)) == pytest.approx(bag_only, rel=1e-5)
     assert loss(s.for_round(4)) > bag_only
+
+
+def test_bag_site_reports_the_mil_heads_auc_and_gates_segmentation_by_it(tmp_path: Path) -> None:
+    """The MIL head's bag-level prediction: its AUC is reported at a bag site,
+    and with ``bag_gate`` a bag it calls negative is segmented as empty."""
+    from medseg_core.models.heads import cam_segmenter
+    from medseg_core.training.evaluation import evaluate_split
+    from medseg_core.weak.mil import bag_probabilities, instance_embeddings
+
+    sess = _bag_site(tmp_path)
+    torch.manual_seed(0)
+    model = build_segmenter(sess.model_cfg, sess.data_cfg)
+    test = sess.test_set
+    probs = bag_probabilities(model, test.images, test.case_index)
+    head = cam_segmenter(model).mil_head
+    for case in range(len(probs)):  # one bag at a time, by hand
+        rows = torch.nonzero(test.case_index == case).squeeze(1)
+        with torch.no_grad():
+            model(test.images[rows])
+            h = instance_embeddings(cam_segmenter(model).last_features)
+            logit, _ = head(h, torch.ones(1, len(rows), dtype=torch.bool))
+        assert float(probs[case]) == pytest.approx(float(torch.sigmoid(logit)), rel=1e-5)
+
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    res = sess.evaluate(state, "test")
+    assert res.mil_auc is not None and 0.0 <= res.mil_auc <= 1.0
+    assert sess.evaluate(state, "test", bag_gate=True).mil_auc == pytest.approx(res.mil_auc)
+    with torch.no_grad():
+        head.classifier.bias.fill_(-100.0)  # every bag called negative: all gated to empty
+    gated = evaluate_split(model, test, num_classes=2, bags=True, bag_gate=True)
+    assert gated.dice == pytest.approx(gated.empty_dice)
+    with torch.no_grad():
+        head.classifier.bias.fill_(100.0)  # every bag called positive: the gate changes nothing
+    assert (evaluate_split(model, test, num_classes=2, bags=True, bag_gate=True).dice
+            == pytest.approx(evaluate_split(model, test, num_classes=2).dice))
+    with pytest.raises(ValueError, match="bag_gate needs bags"):
+        evaluate_split(model, test, num_classes=2, bag_gate=True)
