@@ -121,10 +121,14 @@ def check_bags(cases: Sequence[Case], site_id: str) -> dict[str, int]:
 
 def instance_embeddings(features: Tensor) -> Tensor:
     """MIL instance embeddings ``(N, C)`` from bottleneck features ``(N, C, h, w)``:
-    their global average, L2-normalised and scaled by 4 (bounded inputs keep
+    their global maximum, L2-normalised and scaled by 4 (bounded inputs keep
     the attention/classifier head stable at the segmenter's learning rate;
-    unnormalised, SGD with momentum diverged)."""
-    return F.normalize(features.mean(dim=(2, 3)), dim=1) * 4.0
+    unnormalised, SGD with momentum diverged). Max, not average: a lesion of
+    2.5 % of a slice covers about one bottleneck cell of 64, and the average
+    diluted it; the MIL site of the mixed-regime scenario trained alone
+    (8 rounds, DP off) gave a bag AUC of 0.37-0.60 with the average and
+    0.61-0.71 with the maximum."""
+    return F.normalize(features.amax(dim=(2, 3)), dim=1) * 4.0
 
 
 @torch.no_grad()
