@@ -202,6 +202,10 @@ class WeakConfig(_Strict):
     # CAM-low pixels (< tau_bg * max) of positives as background (off: positives
     # teach foreground only; negatives still teach background)
     pseudo_bg: bool = True
+    # pixels within this many pixels of the decoder's predicted lesion (p >= 0.5) are
+    # never pseudo-background (an unsure band: the blobby CAM-low region reached into
+    # lesions and trained their edges as background); 0: off
+    bg_margin: int = Field(default=0, ge=0, le=16)
     # seeded region growing of the pseudo-foreground (Huang et al. 2018, DSRG) into
     # neighbouring pixels where the decoder's foreground probability is >= grow
     grow: float | None = Field(default=None, gt=0.0, lt=1.0)

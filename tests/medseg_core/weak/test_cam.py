@@ -440,3 +440,22 @@ def test_evaluation_reports_what_an_empty_prediction_would_score(tmp_path: Path)
             build_segmenter(sess.model_cfg, sess.data_cfg).state_dict().items()}
     res = sess.evaluate(glob, "test")
     assert res.empty_dice == pytest.approx(0.5)  # 3 of 6 test cases have no lesion
+
+
+def test_pseudo_background_keeps_its_margin_from_the_decoders_lesion() -> None:
+    from medseg_core.config import WeakConfig
+
+    cam = torch.zeros(1, 1, 4, 4)
+    cam[0, 0, 0, 0] = 4.0  # the CAM fires in a corner only: CAM-low everywhere else
+    seg = torch.zeros(1, 2, 16, 16)
+    seg[0, 0] = 2.0
+    seg[0, 1, 8:10, 8:10] = 5.0  # the decoder finds a lesion the CAM misses
+    plain = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2)[0, 0]
+    assert int(plain[8, 8]) == 0 and int(plain[6, 6]) == 0  # CAM-low: background, lesion included
+    s = WeakSettings.from_config(WeakConfig(bg_margin=2))
+    assert s.bg_margin == 2
+    pm = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2, bg_margin=s.bg_margin)[0, 0]
+    band = torch.zeros(16, 16, dtype=torch.bool)
+    band[6:12, 6:12] = True  # the lesion and 2 px around it
+    assert bool((pm[band] == IGNORE_LABEL).all())
+    assert bool((pm[~band] == plain[~band]).all())  # farther away: as without the margin
