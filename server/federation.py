@@ -356,7 +356,7 @@ def average_over_trainers(replies: list[Message], reference: dict[str, np.ndarra
     without bags, the CAM head at a site without image-level classes). In a
     weighted average those copies pull the array back towards where it was:
     the MIL head of the mixed-regime scenario, trained by one site weighted
-    0.1 x 60 bags against 1680 images, moved about 1/30 of its site's step
+    0.1 x 600 slices = 60 against 1680 images, moved about 1/30 of its step
     each round and its bag-level AUC stayed at chance. For each floating
     array that some accepted replies changed and others did not, the
     unchanged copies are replaced by the weighted mean (``agg-weight``) of
