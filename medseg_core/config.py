@@ -209,6 +209,14 @@ class WeakConfig(_Strict):
     # seeded region growing of the pseudo-foreground (Huang et al. 2018, DSRG) into
     # neighbouring pixels where the decoder's foreground probability is >= grow
     grow: float | None = Field(default=None, gt=0.0, lt=1.0)
+    # "pamr": the decoder's foreground probability is refined by the image's local
+    # affinities before the rules above read it (Araslanov & Roth 2020; weak/refine.py)
+    refine: Literal["none", "pamr"] = "none"
+    pamr_dilations: tuple[int, ...] = (1, 2)
+    pamr_iterations: int = Field(default=10, ge=1, le=100)
+    # a CAM-low pixel of a positive is background only where the (refined) decoder
+    # probability is below this too (None: the CAM alone decides)
+    bg_max_p: float | None = Field(default=None, gt=0.0, lt=1.0)
     # size constraint on positives (CCNN, Pathak et al. 2015): [min, max] foreground
     # area of a positive image (MIL: of a positive bag), as a fraction of one image
     size_prior: tuple[float, float] | None = None
@@ -228,6 +236,16 @@ class WeakConfig(_Strict):
     # a log-sum-exp of its foreground logit says "lesion somewhere" on positives,
     # "nowhere" on negatives (0: off; it hurt in the 2-site runs, docs/architecture.md)
     mil_weight: float = Field(default=0.0, ge=0.0)
+
+    @field_validator("pamr_dilations")
+    @classmethod
+    def _pamr_dilations(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or min(v) < 1 or max(v) > 32:
+            raise ValueError(
+                f"train.weak.pamr_dilations must be 1-32 px neighbour distances; got {list(v)}. "
+                "Fix: e.g. [1, 2] for lesions of a few pixels' radius"
+            )
+        return v
 
     @field_validator("size_prior")
     @classmethod

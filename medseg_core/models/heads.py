@@ -62,6 +62,7 @@ class CamSegmenter(nn.Module):
         self.cam_head = nn.Conv2d(channels, 1, kernel_size=1)
         self.mil_head = MilHead(channels, pooling=mil_pooling) if mil_pooling != "none" else None
         self.last_cam: torch.Tensor | None = None
+        self.last_input: torch.Tensor | None = None  # the weak loss refines pseudo-masks with it
         self.last_features: torch.Tensor | None = None
         self._features: torch.Tensor | None = None
         bottleneck.register_forward_hook(self._keep)
@@ -71,6 +72,7 @@ class CamSegmenter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         seg = self.net(x)
+        self.last_input = x
         if self._features is None:  # pragma: no cover - the hook always fires
             raise RuntimeError("the bottleneck hook did not fire")
         self.last_cam = self.cam_head(self._features)

@@ -259,7 +259,7 @@ class MilLoss(nn.Module):
         b, k = valid.shape
         pos = y[:, None] * valid.to(logits.dtype)
         key = pos * (att.detach() * n_valid[:, None] >= 1.0 - 1e-6).to(logits.dtype)
-        pce = pseudo_mask_ce(seg.last_cam, logits, self.s).view(b, k)
+        pce = pseudo_mask_ce(seg.last_cam, logits, self.s, seg.last_input).view(b, k)
         out = (pce * key).sum(dim=1) / key.sum(dim=1).clamp_min(1.0)
         if self.s.size_prior is not None:
             out = out + self.s.size_weight * y * size_prior_loss(
