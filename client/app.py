@@ -105,6 +105,7 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 proximal_mu=float(cfg.get(keys.PROXIMAL_MU, 0.0)),
                 run_name=str(cfg.get(keys.RUN_NAME, "")),
                 min_component_voxels=int(cfg.get(keys.MIN_COMPONENT_VOXELS, 0)),
+                refine=str(cfg.get(keys.EVAL_REFINE, "none")),
             )
             global_state = record_to_state(msg.content.array_records[keys.ARRAYS])
             if req.server_round in site.drop_rounds:  # simulated outage (tests, scenarios)
@@ -177,6 +178,7 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 run_name=str(cfg.get(keys.RUN_NAME, "")),
                 model_round=int(cfg.get(keys.MODEL_ROUND, cfg[keys.SERVER_ROUND])),
                 bag_gate=bool(cfg.get(keys.BAG_GATE, False)),
+                refine=str(cfg.get(keys.EVAL_REFINE, "none")),
             )
         except DataIntegrityError as exc:
             return _error_reply(msg, keys.ERR_DATA_INTEGRITY, exc)

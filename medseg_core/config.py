@@ -169,6 +169,10 @@ class EvalConfig(_Strict):
     # MIL sites: a bag (e.g. a volume) that the MIL head's bag-level prediction
     # calls negative (p < 0.5) is segmented as all background; other sites ignore it
     bag_gate: bool = False
+    # "pamr": every scored prediction's class probabilities are refined by the
+    # image's own local affinities before the argmax (medseg_core/refine.py): a
+    # post-processing step like min_component_voxels, applied to every arm
+    refine: Literal["none", "pamr"] = "none"
 
 
 class PrivacyConfig(_Strict):
@@ -210,7 +214,7 @@ class WeakConfig(_Strict):
     # neighbouring pixels where the decoder's foreground probability is >= grow
     grow: float | None = Field(default=None, gt=0.0, lt=1.0)
     # "pamr": the decoder's foreground probability is refined by the image's local
-    # affinities before the rules above read it (Araslanov & Roth 2020; weak/refine.py)
+    # affinities before the rules above read it (Araslanov & Roth 2020; medseg_core/refine.py)
     refine: Literal["none", "pamr"] = "none"
     pamr_dilations: tuple[int, ...] = (1, 2)
     pamr_iterations: int = Field(default=10, ge=1, le=100)

@@ -26,6 +26,7 @@ EMPTY_DICE = "empty-dice"  # Dice an all-background prediction would score on th
 DICE_SE = "dice-se"  # standard error of the split's Dice over its cases
 MIN_COMPONENT_VOXELS = "min-component-voxels"
 BAG_GATE = "bag-gate"  # evaluation: segment only the bags the MIL head calls positive
+EVAL_REFINE = "eval-refine"  # evaluation: post-processing of predictions ("none" or "pamr")
 MIL_AUC = "mil-auc"  # bag sites: AUC of the MIL head's bag-level prediction
 
 # MetricRecord keys sent by clients

@@ -22,6 +22,7 @@ from scipy import ndimage
 from torch import Tensor, nn
 
 from medseg_core.errors import DataIntegrityError
+from medseg_core.refine import pamr
 
 __all__ = [
     "case_scores",
@@ -100,13 +101,19 @@ def _check_inputs(images: Tensor, labels: Tensor, case_index: Tensor, num_classe
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
-    """Argmax labels ``(N, H, W)`` int64 on CPU."""
+def _predict(model: nn.Module, images: Tensor, batch_size: int, refine: str = "none") -> Tensor:
+    """Argmax labels ``(N, H, W)`` int64 on CPU (``refine="pamr"``: of the class
+    probabilities refined by :func:`medseg_core.refine.pamr`)."""
+    if refine not in ("none", "pamr"):
+        raise ValueError(f"unknown prediction refinement {refine!r}; valid: ['none', 'pamr']")
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     out = []
     for start in range(0, images.shape[0], batch_size):
-        logits = model(images[start : start + batch_size].to(device))
+        x = images[start : start + batch_size].to(device)
+        logits = model(x)
+        if refine == "pamr":
+            logits = pamr(x, logits.softmax(dim=1))  # probabilities: the same argmax order
         out.append(logits.argmax(dim=1).cpu())
     return torch.cat(out) if out else torch.zeros((0, *images.shape[2:]), dtype=torch.int64)
 
@@ -159,6 +166,7 @@ def evaluate_segmentation(
     batch_size: int = 64,
     min_component_voxels: int = 0,
     case_keep: Tensor | None = None,
+    refine: str = "none",
 ) -> SegMetrics:
     """Predict every slice, group slices into cases and score each case.
 
@@ -187,6 +195,10 @@ def evaluate_segmentation(
         ``(n_cases,)`` bool indexed by case id, or None: a case whose entry
         is False is predicted all background (a case-level classifier's
         gate, e.g. the MIL head's bag prediction).
+    refine
+        ``"pamr"``: each slice's class probabilities are refined by the
+        image's local affinities before the argmax
+        (:func:`medseg_core.refine.pamr`; ``evaluation.refine``).
 
     Returns
     -------
@@ -203,7 +215,7 @@ def evaluate_segmentation(
     was_training = model.training
     model.eval()
     try:
-        preds = _predict(model, images, batch_size)
+        preds = _predict(model, images, batch_size, refine)
     finally:
         model.train(was_training)
 

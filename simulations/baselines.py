@@ -104,6 +104,7 @@ def _train_arm(
             build_segmenter(scenario.model, scenario.data), state, val,
             num_classes=scenario.data.num_classes,
             min_component_voxels=scenario.evaluation.min_component_voxels,
+            refine=scenario.evaluation.refine,
         ).dice
         if v > best_val:
             best_state, best_val = state, v
@@ -113,7 +114,7 @@ def _train_arm(
 
 def _score(scenario: ScenarioConfig, state: dict[str, np.ndarray], sess: SiteSession) -> dict:
     m = sess.evaluate(state, "test", min_component_voxels=scenario.evaluation.min_component_voxels,
-                      bag_gate=scenario.evaluation.bag_gate)
+                      bag_gate=scenario.evaluation.bag_gate, refine=scenario.evaluation.refine)
     out: dict = {"dice": m.dice, "hd95": m.hd95, "dice_empty_baseline": m.empty_dice,
                  "dice_se": m.dice_se}
     if m.auc is not None:

@@ -48,7 +48,7 @@ def _cases_with_masks(data: SliceSet) -> SliceSet | None:
 
 def evaluate_split(
     model: nn.Module, data: SliceSet, *, num_classes: int, min_component_voxels: int = 0,
-    with_auc: bool = False, bags: bool = False, bag_gate: bool = False,
+    with_auc: bool = False, bags: bool = False, bag_gate: bool = False, refine: str = "none",
 ) -> SiteEval:
     """Score ``model`` (weights loaded) on ``data``.
 
@@ -58,7 +58,8 @@ def evaluate_split(
     bag and the model has a MIL head), also the AUC of the MIL head's
     bag-level prediction (with ``with_auc``); with ``bag_gate`` as well, a
     case the MIL head calls negative (probability < 0.5) is segmented as
-    all background.
+    all background. ``refine``: post-processing of the predictions
+    (:func:`medseg_core.metrics.evaluate_segmentation`).
     """
     if bag_gate and not bags:
         raise ValueError("bag_gate needs bags=True (cases that are MIL bags and a MIL head)")
@@ -68,7 +69,8 @@ def evaluate_split(
         keep = (bag_probabilities(model, masked.images, masked.case_index) >= 0.5
                 if bag_gate else None)
         seg = evaluate_state(model, None, masked, num_classes=num_classes,
-                             min_component_voxels=min_component_voxels, case_keep=keep)
+                             min_component_voxels=min_component_voxels, case_keep=keep,
+                             refine=refine)
         has_fg = torch.zeros(len(masked.case_ids), dtype=torch.int64).scatter_reduce(
             0, masked.case_index, (masked.labels.flatten(1) > 0).any(dim=1).long(),
             reduce="amax", include_self=False)

@@ -336,14 +336,16 @@ def evaluate_state(
     num_classes: int,
     min_component_voxels: int = 0,
     case_keep: torch.Tensor | None = None,
+    refine: str = "none",
 ) -> SegMetrics:
     """Segmentation metrics of ``state`` (or the model's current weights) on
-    ``data`` (``case_keep``: see :func:`medseg_core.metrics.evaluate_segmentation`)."""
+    ``data`` (``case_keep``, ``refine``: see
+    :func:`medseg_core.metrics.evaluate_segmentation`)."""
     if data.labels is None:
         raise ValueError("evaluation needs masks; this SliceSet has none")
     if state is not None:
         load_state(model, state)
     return evaluate_segmentation(
         model, data.images, data.labels, data.case_index, num_classes=num_classes,
-        min_component_voxels=min_component_voxels, case_keep=case_keep,
+        min_component_voxels=min_component_voxels, case_keep=case_keep, refine=refine,
     )

@@ -76,6 +76,7 @@ class RoundRequest:
     proximal_mu: float = 0.0
     run_name: str = ""
     min_component_voxels: int = 0
+    refine: str = "none"  # post-processing of the validation predictions (evaluation.refine)
 
 
 def _outcome_from_cache(shared: dict[str, np.ndarray], stats: dict) -> RoundOutcome:
@@ -439,7 +440,7 @@ class SiteSession:
             val = evaluate_state(
                 build_segmenter(self.model_cfg, self.data_cfg), result.state, self.val_set,
                 num_classes=self.data_cfg.num_classes,
-                min_component_voxels=req.min_component_voxels,
+                min_component_voxels=req.min_component_voxels, refine=req.refine,
             )
         logger.info(
             "site %s round %d: loss %.4f, steps %d, eps %s",
@@ -476,7 +477,7 @@ class SiteSession:
 
     def evaluate(
         self, state: Mapping[str, np.ndarray], split: str, *, min_component_voxels: int = 0,
-        run_name: str = "", model_round: int = 0, bag_gate: bool = False,
+        run_name: str = "", model_round: int = 0, bag_gate: bool = False, refine: str = "none",
     ) -> SiteEval:
         """Metrics of the global ``state`` (of round ``model_round``) on the
         site's ``"val"`` or ``"test"`` split, with the site's private
@@ -487,14 +488,16 @@ class SiteSession:
         maximum foreground probability over the case; at a bag site also the
         AUC of the MIL head's bag-level prediction, and with ``bag_gate`` a
         bag the MIL head calls negative is segmented as all background
-        (``evaluation.bag_gate``; other sites ignore it).
+        (``evaluation.bag_gate``; other sites ignore it). ``refine``: see
+        ``evaluation.refine``.
         """
         model = build_segmenter(self.model_cfg, self.data_cfg)
         load_state(model, self.full_state(state, run_name, model_round))
         bags = self.is_bag_site
         return evaluate_split(model, self.split_set(split), num_classes=self.data_cfg.num_classes,
                               min_component_voxels=min_component_voxels,
-                              with_auc=split == "test", bags=bags, bag_gate=bag_gate and bags)
+                              with_auc=split == "test", bags=bags, bag_gate=bag_gate and bags,
+                              refine=refine)
 
     def _append_ledger(
         self, req: RoundRequest, plan: RoundPrivacyPlan, epsilon: float, steps: int

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from medseg_core.data.slices import IGNORE_LABEL
 from medseg_core.models.heads import cam_segmenter
-from medseg_core.weak.refine import pamr
+from medseg_core.refine import pamr
 
 __all__ = ["WeakSegLoss", "WeakSettings", "image_label_loss", "pixel_ce", "pseudo_mask_ce",
            "pseudo_masks", "size_prior_loss"]
@@ -73,7 +73,7 @@ class WeakSettings:
     neg_weight: float = 1.0  # weight of the exact-background term of image-level negatives
     pseudo_bg: bool = True  # use CAM-low pixels of positives as background
     bg_margin: int = 0  # pixels within this distance of the decoder's lesion are never background
-    refine: str = "none"  # "pamr": decoder probability refined by image affinities (weak/refine.py)
+    refine: str = "none"  # "pamr": decoder probability refined by image affinities (medseg_core/refine.py)
     pamr_dilations: tuple[int, ...] = (1, 2)
     pamr_iterations: int = 10
     bg_max_p: float | None = None  # CAM-low background also needs decoder p below this
@@ -184,7 +184,7 @@ def pseudo_masks(
 
     With ``refine="pamr"`` (needs ``image``), the decoder's foreground
     probability is first refined by the image's local affinities
-    (:func:`medseg_core.weak.refine.pamr`, Araslanov & Roth 2020) and every
+    (:func:`medseg_core.refine.pamr`, Araslanov & Roth 2020) and every
     rule below reads the refined value. Measured on the mixed-regime scenario
     (``benchmarks/pseudo_masks.py``, test positives of the image sites, no DP):
     ``p >= 0.5`` had precision 0.88-0.92 at recall 0.40-0.49, refined

@@ -140,3 +140,26 @@ def test_sites_do_not_share_random_streams(tmp_path: Path, tiny_scenario: Scenar
 
     assert seed_of("a") != seed_of("b")
     assert seed_of("a") == seed_of("a")
+
+
+def test_evaluation_refinement_reaches_the_site_and_a_bad_value_is_named(
+    site_yaml: Path, tiny_scenario: ScenarioConfig
+) -> None:
+    scenario = tiny_scenario.model_copy(
+        update={"evaluation": tiny_scenario.evaluation.model_copy(update={"refine": "pamr"})})
+    assert _train_config(scenario, "r")[keys.EVAL_REFINE] == "pamr"  # validation during training
+
+    def evaluate(refine: str) -> Message:
+        cfg = ConfigRecord({keys.SERVER_ROUND: 1, keys.EVAL_SPLIT: "test", keys.EVAL_REFINE: refine,
+                            "model": tiny_scenario.model.model_dump_json(),
+                            "data": tiny_scenario.data.model_dump_json()})
+        msg = Message(RecordDict({keys.ARRAYS: state_to_record(initial_state(tiny_scenario)),
+                                  keys.CONFIG: cfg}), dst_node_id=1,
+                      message_type=MessageType.EVALUATE)
+        return build_client_app()(msg, _ctx(site_yaml))
+
+    ok = evaluate("pamr")
+    assert not ok.has_error() and 0.0 <= ok.content.metric_records[keys.METRICS][keys.DICE] <= 1.0
+    bad = evaluate("crf")
+    assert bad.has_error()
+    assert "'crf'" in bad.error.reason and "pamr" in bad.error.reason

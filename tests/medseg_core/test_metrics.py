@@ -185,3 +185,30 @@ def test_postprocessing_changes_the_score_of_a_false_positive_speck() -> None:
     raw = evaluate_segmentation(Speck(), images, labels, idx, num_classes=2)
     clean = evaluate_segmentation(Speck(), images, labels, idx, num_classes=2, min_component_voxels=2)
     assert raw.dice == 0.0 and clean.dice == 1.0
+
+
+def test_pamr_refinement_removes_speckle_and_keeps_a_lesion_of_its_own_intensity() -> None:
+    from medseg_core.metrics import evaluate_segmentation
+
+    torch.manual_seed(0)
+    images = 0.3 + 0.01 * torch.randn(2, 1, 24, 24)
+    images[..., 8:16, 8:16] += 0.4  # a bright lesion, 8 x 8
+    labels = torch.zeros(2, 1, 24, 24, dtype=torch.int64)
+    labels[..., 8:16, 8:16] = 1
+
+    class Noisy(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logits = torch.zeros(x.shape[0], 2, *x.shape[2:])
+            logits[:, 0] = 3.0
+            logits[:, 1, 9:15, 9:15] = 6.0  # the lesion, less its rim ...
+            logits[:, 1, 2, 2] = logits[:, 1, 20, 5] = 6.0  # ... and two speckles in flat tissue
+            logits[:, 1, 9, 9] = 0.0  # a hole inside it
+            return logits
+
+    idx = torch.tensor([0, 1])
+    raw = evaluate_segmentation(Noisy(), images, labels, idx, num_classes=2)
+    ref = evaluate_segmentation(Noisy(), images, labels, idx, num_classes=2, refine="pamr")
+    assert ref.dice > raw.dice
+    assert ref.dice > 0.9
+    with pytest.raises(ValueError, match=r"'crf'.*valid: \['none', 'pamr'\]"):
+        evaluate_segmentation(Noisy(), images, labels, idx, num_classes=2, refine="crf")

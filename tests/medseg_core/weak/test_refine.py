@@ -15,7 +15,7 @@ from medseg_core.sites import materialise_site
 from medseg_core.training.session import build_segmenter
 from medseg_core.training.site import RoundRequest, SiteSession
 from medseg_core.weak import WeakSegLoss, WeakSettings, pseudo_masks
-from medseg_core.weak.refine import pamr
+from medseg_core.refine import pamr
 
 
 def _square_image() -> torch.Tensor:

@@ -7,8 +7,10 @@ Image Labels"): each pixel's value becomes a weighted mean of its neighbours
 of the image over pixel ``i``'s neighbours; iterated. Values spread inside
 regions of similar intensity and stop at edges: a pixel tends to the mean
 of its region, so the rim of a lesion whose core the decoder is sure of
-takes the core's value, and isolated speckles are averaged away. No learned parameters; the image never leaves the site
-(it runs inside the site's loss).
+takes the core's value, and isolated speckles are averaged away. No
+learned parameters. Used twice: on the weak sites' pseudo-masks during training (``train.weak.refine``, inside the site's
+loss) and as post-processing of every prediction that is scored
+(``evaluation.refine``, the same for every arm of a comparison).
 """
 
 from __future__ import annotations
