@@ -221,6 +221,10 @@ class WeakConfig(_Strict):
     # a CAM-low pixel of a positive is background only where the (refined) decoder
     # probability is below this too (None: the CAM alone decides)
     bg_max_p: float | None = Field(default=None, gt=0.0, lt=1.0)
+    # a positive whose pseudo-foreground covers more than this fraction of the image
+    # gets none (ignored, not background): an untrained decoder's p ~ 0.5 everywhere
+    # is not a lesion (None: no limit)
+    fg_max_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
     # size constraint on positives (CCNN, Pathak et al. 2015): [min, max] foreground
     # area of a positive image (MIL: of a positive bag), as a fraction of one image
     size_prior: tuple[float, float] | None = None

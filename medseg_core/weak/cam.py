@@ -77,6 +77,7 @@ class WeakSettings:
     pamr_dilations: tuple[int, ...] = (1, 2)
     pamr_iterations: int = 10
     bg_max_p: float | None = None  # CAM-low background also needs decoder p below this
+    fg_max_fraction: float | None = None  # a larger pseudo-foreground is dropped (ignored)
     pseudo_fg: str = "agree"  # "agree": CAM and decoder; "decoder": the decoder's own top region
     fg_floor: float = 0.2  # "decoder": minimum foreground probability of a pseudo-foreground pixel
     grow: float | None = None  # seeded region growing into pixels with decoder p >= grow
@@ -141,6 +142,7 @@ def pseudo_masks(
     grow: float | None = None, grow_steps: int = 16, bg_margin: int = 0,
     image: Tensor | None = None, refine: str = "none", pamr_dilations: tuple[int, ...] = (1, 2),
     pamr_iterations: int = 10, bg_max_p: float | None = None,
+    fg_max_fraction: float | None = None,
 ) -> Tensor:
     """Refined pseudo-masks of positive images.
 
@@ -199,6 +201,12 @@ def pseudo_masks(
     fall below ``tau_bg * max``: measured as above, the CAM-low rule alone
     labelled 29-41 % of lesion pixels background without DP and 40-85 % under
     DP; requiring the refined decoder below 0.2 too, 6-14 % and 15-51 %.
+
+    With ``fg_max_fraction`` set, an image whose pseudo-foreground covers
+    more than that fraction of it gets none (those pixels are ignored, not
+    background): a lesion-sized region is plausible, half the image is not.
+    An untrained decoder says p ~ 0.5 everywhere; taken as foreground, that
+    flooded the weak arm under DP from round 1 (README, "Weak labels").
 
     Trained with, neither the decoder source nor growing beat the agreement
     rule on the mixed-regime scenario (README, "Weak labels": growing
@@ -259,6 +267,9 @@ def pseudo_masks(
             if torch.equal(grown, fg):
                 break
             fg = grown
+    if fg_max_fraction is not None:
+        implausible = fg.flatten(1).float().mean(dim=1) > fg_max_fraction
+        fg = fg & ~implausible[:, None, None, None]
     out[fg] = 1
     return out
 
@@ -273,7 +284,7 @@ def pseudo_mask_ce(cam: Tensor, logits: Tensor, s: WeakSettings,
                           grow=s.grow, bg_margin=s.bg_margin,
                           image=None if image is None else image.detach(), refine=s.refine,
                           pamr_dilations=s.pamr_dilations, pamr_iterations=s.pamr_iterations,
-                          bg_max_p=s.bg_max_p)
+                          bg_max_p=s.bg_max_p, fg_max_fraction=s.fg_max_fraction)
     if not s.pseudo_bg:
         pseudo = torch.where(pseudo == 0, torch.full_like(pseudo, IGNORE_LABEL), pseudo)
     sure = (pseudo != IGNORE_LABEL)[:, 0].to(logits.dtype)

@@ -120,3 +120,20 @@ def test_image_and_bag_sites_train_under_dp_with_refinement(tmp_path: Path) -> N
                                                   lr=0.05, batch_size=4, optimizer="sgd"))
         assert np.isfinite(out.fit.loss) and out.epsilon is not None and 0 < out.epsilon <= 8.0
         assert any(not np.array_equal(out.shared[k], glob[k]) for k in out.shared)
+
+
+def test_implausibly_large_pseudo_foreground_is_ignored_not_taught() -> None:
+    cam = torch.zeros(2, 1, 3, 3)
+    cam[:, 0, 1, 1] = 4.0
+    seg = torch.zeros(2, 2, 24, 24)
+    seg[0, 1] = 0.1  # an untrained decoder: p ~ 0.52 everywhere
+    seg[1, 0] = 3.0
+    seg[1, 1, 10:14, 10:14] = 6.0  # a lesion-sized region
+    s = WeakSettings.from_config(WeakConfig(pseudo_fg="decoder", fg_floor=0.5, fg_max_fraction=0.15))
+    kw = {"tau_fg": 0.5, "tau_bg": 0.2, "fg_source": "decoder", "fg_floor": 0.5, "bg_max_p": 0.2}
+    free = pseudo_masks(cam, None, seg, **kw)[:, 0]
+    assert bool((free[0] == 1).all())  # without the limit: the whole image is "lesion"
+    pm = pseudo_masks(cam, None, seg, fg_max_fraction=s.fg_max_fraction, **kw)[:, 0]
+    assert int((pm[0] == 1).sum()) == 0
+    assert bool((pm[0] == IGNORE_LABEL).all())  # ignored, not turned into background
+    assert bool((pm[1] == free[1]).all())  # a plausible region is kept as is
