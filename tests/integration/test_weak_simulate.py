@@ -60,3 +60,16 @@ def test_mixed_regime_federation_with_compare(tmp_path: Path) -> None:
     rows = [line for line in proc.stdout.splitlines() if " auc " in line]
     assert [r.split()[0] for r in rows] == ["masks", "reports"]
     assert all("agree: prec" in r and "lesion-as-bg" in r for r in rows)
+
+    # the post-processing benchmark scores the same checkpoint raw and PAMR-refined,
+    # every site; raw reproduces the run's own test Dice
+    bench = bench.with_name("refine.py")
+    proc = subprocess.run([sys.executable, str(bench), str(out)], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if "| none: dice" in line}
+    assert set(rows) == {"masks", "reports", "volumes"}
+    for sid, row in rows.items():
+        raw = float(row.split("none: dice ")[1].split()[0])
+        assert raw == pytest.approx(per[sid]["dice"], abs=5e-4)
+        assert "pamr: dice" in row

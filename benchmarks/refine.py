@@ -1,0 +1,75 @@
+"""What does ``evaluation.refine: pamr`` change? Both post-processings side by side.
+
+For one global checkpoint of a finished ``medseg simulate`` run (its selected
+round by default) and every site, scores the test split twice, with the
+run's own ``min_component_voxels`` (and MIL bag gate): raw argmax and
+PAMR-refined (:func:`medseg_core.refine.pamr`). Prints the test Dice of each,
+the Dice over positive cases, and the fraction of lesion-free test cases
+that get any predicted lesion (false-positive cases).
+
+    .venv/bin/python benchmarks/refine.py RUN_DIR [--round N]
+
+``RUN_DIR`` is a ``medseg simulate --out`` directory or its ``full-masks/``
+arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg_core.checkpoint import load_checkpoint
+from medseg_core.config import ScenarioConfig, parse_model
+from medseg_core.metrics import evaluate_segmentation
+from medseg_core.sites import materialise_site
+from medseg_core.training.session import build_segmenter, load_state
+from medseg_core.training.site import SiteSession
+from medseg_core.weak.mil import bag_probabilities
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--round", type=int, default=None)
+    args = ap.parse_args()
+    scenario = parse_model(ScenarioConfig, json.loads((args.run / "scenario.json").read_text()))
+    rnd = args.round or json.loads((args.run / "summary.json").read_text())["federated"]["selected_round"]
+    model = build_segmenter(scenario.model, scenario.data)
+    load_state(model, {**{k: v.numpy() for k, v in model.state_dict().items()},
+                       **load_checkpoint(args.run / "server" / "checkpoints" / f"round_{rnd:04d}").arrays})
+    model.eval()
+    ev = scenario.evaluation
+    print(f"run {args.run}, global model of round {rnd}; min_component_voxels "
+          f"{ev.min_component_voxels}, bag_gate {ev.bag_gate}")
+    for spec in scenario.sites:
+        sess = SiteSession(materialise_site(spec, scenario, args.run / "data"),
+                           model_cfg=scenario.model, data_cfg=scenario.data)
+        test = sess.test_set
+        if test.labels is None:
+            print(f"{spec.id:20s} no test masks: nothing to score")
+            continue
+        n_cases = len(test.case_ids)
+        has_fg = torch.zeros(n_cases, dtype=torch.int64).scatter_reduce(
+            0, test.case_index, (test.labels.flatten(1) > 0).any(dim=1).long(), reduce="amax",
+            include_self=False).numpy().astype(bool)
+        keep = (bag_probabilities(model, test.images, test.case_index) >= 0.5
+                if ev.bag_gate and sess.is_bag_site else None)
+        parts = [f"{spec.id:20s}"]
+        for refine in ("none", "pamr"):
+            m = evaluate_segmentation(model, test.images, test.labels, test.case_index,
+                                      num_classes=scenario.data.num_classes,
+                                      min_component_voxels=ev.min_component_voxels,
+                                      case_keep=keep, refine=refine)
+            d = np.asarray(m.per_case_dice)
+            fp = float((d[~has_fg] < 1.0).mean()) if (~has_fg).any() else float("nan")
+            parts.append(f"{refine}: dice {m.dice:.3f} (positives {d[has_fg].mean():.3f}, "
+                         f"false-positive cases {fp:.2f})")
+        print(" | ".join(parts))
+
+
+if __name__ == "__main__":
+    main()
