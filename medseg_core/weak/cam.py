@@ -188,7 +188,7 @@ def pseudo_masks(
     probability is first refined by the image's local affinities
     (:func:`medseg_core.refine.pamr`, Araslanov & Roth 2020) and every
     rule below reads the refined value. Measured on the mixed-regime scenario
-    (``benchmarks/pseudo_masks.py``, test positives of the image sites, no DP):
+    (``benchmarks/pseudo_masks.py``, test positives of the three 2D sites, no DP):
     ``p >= 0.5`` had precision 0.88-0.92 at recall 0.40-0.49, refined
     0.98-0.99 at 0.44-0.59; under DP (seed 1) 0.43-0.58 at 0.24-0.27 against
     0.86-0.92 at 0.20-0.23: speckle is averaged away and a lesion's rim
