@@ -20,13 +20,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from medseg_core.checkpoint import load_checkpoint
 from medseg_core.config import ScenarioConfig, parse_model
 from medseg_core.metrics import evaluate_segmentation
 from medseg_core.sites import materialise_site
 from medseg_core.training.session import build_segmenter, load_state
+from medseg_core.training.evaluation import case_has_lesion
 from medseg_core.training.site import SiteSession
 from medseg_core.weak.mil import bag_probabilities
 
@@ -52,10 +52,7 @@ def main() -> None:
         if test.labels is None:
             print(f"{spec.id:20s} no test masks: nothing to score")
             continue
-        n_cases = len(test.case_ids)
-        has_fg = torch.zeros(n_cases, dtype=torch.int64).scatter_reduce(
-            0, test.case_index, (test.labels.flatten(1) > 0).any(dim=1).long(), reduce="amax",
-            include_self=False).numpy().astype(bool)
+        has_fg = case_has_lesion(test).numpy()
         keep = (bag_probabilities(model, test.images, test.case_index) >= 0.5
                 if ev.bag_gate and sess.is_bag_site else None)
         parts = [f"{spec.id:20s}"]

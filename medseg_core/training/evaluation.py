@@ -15,7 +15,7 @@ from medseg_core.metrics import case_scores, roc_auc
 from medseg_core.training.session import evaluate_state
 from medseg_core.weak.mil import bag_probabilities
 
-__all__ = ["SiteEval", "evaluate_split"]
+__all__ = ["SiteEval", "case_has_lesion", "evaluate_split"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,13 @@ class SiteEval:
     dice_se: float | None = None
     # bag sites: AUC of the MIL head's bag-level prediction (None otherwise)
     mil_auc: float | None = None
+
+
+def case_has_lesion(data: SliceSet) -> torch.Tensor:
+    """``(n_cases,)`` bool: whether a case's mask has any foreground (``data`` has masks)."""
+    return torch.zeros(len(data.case_ids), dtype=torch.int64).scatter_reduce(
+        0, data.case_index, (data.labels.flatten(1) > 0).any(dim=1).long(), reduce="amax",
+        include_self=False).bool()
 
 
 def _cases_with_masks(data: SliceSet) -> SliceSet | None:
@@ -71,10 +78,7 @@ def evaluate_split(
         seg = evaluate_state(model, None, masked, num_classes=num_classes,
                              min_component_voxels=min_component_voxels, case_keep=keep,
                              refine=refine)
-        has_fg = torch.zeros(len(masked.case_ids), dtype=torch.int64).scatter_reduce(
-            0, masked.case_index, (masked.labels.flatten(1) > 0).any(dim=1).long(),
-            reduce="amax", include_self=False)
-        empty = float((has_fg == 0).float().mean())
+        empty = float((~case_has_lesion(masked)).float().mean())
     auc, mil_auc = float("nan"), float("nan")
     if with_auc and len(data):
         case_cls = torch.full((len(data.case_ids),), -1, dtype=torch.int64).scatter_reduce(
