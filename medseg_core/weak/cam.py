@@ -48,8 +48,8 @@ from medseg_core.data.slices import IGNORE_LABEL
 from medseg_core.models.heads import cam_segmenter
 from medseg_core.refine import pamr
 
-__all__ = ["WeakSegLoss", "WeakSettings", "image_label_loss", "pixel_ce", "pseudo_mask_ce",
-           "pseudo_masks", "size_prior_loss"]
+__all__ = ["WeakSegLoss", "WeakSettings", "cam_image_logit", "image_label_loss", "pixel_ce", "pseudo_mask_ce",
+           "pseudo_masks", "size_prior_loss", "smooth_max"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,7 @@ class WeakSettings:
     tau_fg: float = 0.5
     tau_bg: float = 0.2
     lse_r: float = 5.0
+    cam_pooling: str = "mean"  # "lse": the CAM's smooth max (sharpness lse_r) is the image logit
     neg_weight: float = 1.0  # weight of the exact-background term of image-level negatives
     pseudo_bg: bool = True  # use CAM-low pixels of positives as background
     bg_margin: int = 0  # pixels within this distance of the decoder's lesion are never background
@@ -104,6 +105,32 @@ class WeakSettings:
     def for_round(self, server_round: int) -> WeakSettings:
         """The settings of one training round (the positives' warm-up)."""
         return replace(self, positives=server_round >= self.positives_from_round)
+
+
+def smooth_max(x: Tensor, r: float) -> Tensor:
+    """Per row of ``x`` ``(B, ...)``: ``log(mean(exp(r * x))) / r``, between the
+    mean (``r -> 0``) and the maximum (``r -> inf``) of the row (Pinheiro &
+    Collobert 2015, CVPR)."""
+    flat = x.flatten(1)
+    return (torch.logsumexp(r * flat, dim=1) - math.log(flat.shape[1])) / r
+
+
+def cam_image_logit(cam: Tensor, s: WeakSettings) -> Tensor:
+    """Image-level logit ``(B,)`` of CAM logits ``(B, 1, h, w)``.
+
+    ``cam_pooling="mean"``: global average pooling (Zhou et al. 2016), the
+    classic CAM. ``"lse"``: the smooth max :func:`smooth_max` at sharpness
+    ``lse_r``. The bottleneck CAM is 8 x 8 cells for a 64 px image and a
+    lesion covers one or two of them, so under the average its evidence is
+    diluted 30-60 times and the head can satisfy the label through
+    image-wide cues instead; the smooth max is decided by the most
+    lesion-like cells, which is what the pseudo-mask rules then read.
+    """
+    if s.cam_pooling == "lse":
+        return smooth_max(cam, s.lse_r)
+    if s.cam_pooling != "mean":
+        raise ValueError(f"unknown CAM pooling {s.cam_pooling!r}; valid: ['mean', 'lse']")
+    return cam.flatten(1).mean(dim=1)
 
 
 def image_label_loss(logit: Tensor, target: Tensor, s: WeakSettings) -> Tensor:
@@ -394,16 +421,13 @@ class WeakSegLoss(nn.Module):
         ce = F.cross_entropy(logits, safe[:, 0], reduction="none").flatten(1).mean(dim=1)
         seg = (dice + ce) * has_mask
 
-        img_logit = cam.flatten(1).mean(dim=1)
+        img_logit = cam_image_logit(cam, self.s)
         cam_loss = image_label_loss(img_logit, classes.clamp_min(0).to(logits.dtype), self.s) * known
 
         mil = logits.new_zeros(b)
         if self.s.mil_weight > 0:
             margin = logits[:, 1:].logsumexp(dim=1) - logits[:, 0]  # (B, H, W) fg-vs-bg logit
-            r = self.s.lse_r
-            lse = (torch.logsumexp(r * margin.flatten(1), dim=1)
-                   - torch.log(torch.tensor(float(margin[0].numel())))) / r
-            mil = image_label_loss(lse, pos, self.s) * (pos + neg)
+            mil = image_label_loss(smooth_max(margin, self.s.lse_r), pos, self.s) * (pos + neg)
 
         bg_ce = pixel_ce(logits, torch.zeros_like(safe[:, 0]), self.s)
         bg_ce = bg_ce.flatten(1).mean(dim=1) * neg

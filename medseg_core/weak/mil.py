@@ -43,7 +43,13 @@ from medseg_core.data.datalist import Case
 from medseg_core.data.slices import SliceSet
 from medseg_core.errors import DataIntegrityError
 from medseg_core.models.heads import cam_segmenter
-from medseg_core.weak.cam import WeakSettings, image_label_loss, pseudo_mask_ce, size_prior_loss
+from medseg_core.weak.cam import (
+    WeakSettings,
+    cam_image_logit,
+    image_label_loss,
+    pseudo_mask_ce,
+    size_prior_loss,
+)
 
 __all__ = ["BagSet", "MilLoss", "bags_from_slices", "check_bags", "fold_bag_grad_samples"]
 
@@ -230,7 +236,7 @@ class MilLoss(nn.Module):
 
         bg_ce = F.cross_entropy(logits, torch.zeros_like(logits[:, 0], dtype=torch.int64),
                                 reduction="none").flatten(1).mean(dim=1).view(b, k)
-        cam_img = seg.last_cam.flatten(1).mean(dim=1).view(b, k)
+        cam_img = cam_image_logit(seg.last_cam, self.s).view(b, k)
         cam_neg = F.binary_cross_entropy_with_logits(cam_img, torch.zeros_like(cam_img),
                                                      reduction="none")
         negative_terms = ((self.s.neg_weight * bg_ce + self.s.cam_weight * cam_neg) * neg

@@ -241,6 +241,50 @@ def test_pixel_mil_constraint_and_cam_weight_reach_the_loss_from_the_config() ->
     assert all(c > w for c, w in zip(cam_only, without))  # the CAM loss, on every case with a class
 
 
+def test_cam_smooth_max_pooling_is_decided_by_the_lesion_cells() -> None:
+    """One lesion cell of 64: the average says "no lesion", the smooth max says "lesion"."""
+    from medseg_core.weak.cam import cam_image_logit
+
+    cam = torch.full((1, 1, 8, 8), -1.0)
+    cam[0, 0, 3, 4] = 4.0
+    mean = float(cam_image_logit(cam, WeakSettings()))
+    lse = float(cam_image_logit(cam, WeakSettings(cam_pooling="lse")))
+    sharper = float(cam_image_logit(cam, WeakSettings(cam_pooling="lse", lse_r=20.0)))
+    assert mean == pytest.approx((4.0 - 63.0) / 64.0)
+    assert mean < 0.0 < lse < sharper < 4.0
+    flat = torch.zeros(1, 1, 8, 8)  # a constant map: every pooling gives the constant
+    assert float(cam_image_logit(flat, WeakSettings(cam_pooling="lse"))) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match=r"unknown CAM pooling 'max'.*\['mean', 'lse'\]"):
+        cam_image_logit(cam, WeakSettings(cam_pooling="max"))
+
+
+def test_cam_pooling_reaches_the_image_loss_from_the_config() -> None:
+    import torch.nn.functional as F
+    from pydantic import ValidationError
+
+    from medseg_core.config import WeakConfig
+    from medseg_core.models.heads import last_cam
+    from medseg_core.weak.cam import smooth_max
+
+    torch.manual_seed(0)
+    model = _model()
+    x = torch.randn(2, 1, 32, 32)
+    labels = torch.full((2, 1, 32, 32), IGNORE_LABEL, dtype=torch.int64)
+    classes = torch.tensor([1, 0])
+    s = WeakSettings.from_config(WeakConfig(cam_pooling="lse", cam_weight=1.0, weak_weight=0.0))
+    assert s.cam_pooling == "lse"
+    got = _per_case_loss(model, x, labels, classes, s)
+    with torch.no_grad():
+        model(x)
+        cam = last_cam(model)
+    expected = F.binary_cross_entropy_with_logits(smooth_max(cam, 5.0), classes.float(), reduction="none")
+    assert got == pytest.approx(expected.tolist(), rel=1e-5)
+    mean = _per_case_loss(model, x, labels, classes, WeakSettings(cam_weight=1.0, weak_weight=0.0))
+    assert got != pytest.approx(mean)
+    with pytest.raises(ValidationError, match="cam_pooling"):
+        WeakConfig(cam_pooling="max")
+
+
 def test_positives_warm_up_keeps_only_the_image_loss_and_negatives_before_its_round() -> None:
     from medseg_core.config import WeakConfig
 

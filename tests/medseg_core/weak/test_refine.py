@@ -102,7 +102,9 @@ def test_weak_loss_with_refinement_is_per_sample_and_differs_from_without() -> N
 
 
 def test_image_and_bag_sites_train_under_dp_with_refinement(tmp_path: Path) -> None:
-    weak = WeakConfig(refine="pamr", bg_max_p=0.2, pseudo_fg="decoder", fg_floor=0.5)
+    """... and with the CAM's smooth-max pooling (image loss and MIL negatives)."""
+    weak = WeakConfig(refine="pamr", bg_max_p=0.2, pseudo_fg="decoder", fg_floor=0.5,
+                      cam_pooling="lse")
     for regime, extra, model in (
         ("image", {}, {"weak_head": "cam"}),
         ("bag", {"dims": 3, "depth": 4}, {"weak_head": "cam", "mil_pooling": "attention"}),
