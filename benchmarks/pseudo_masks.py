@@ -9,7 +9,7 @@ on), prints:
 * ``auc``: image-level AUC of the CAM head's logit (global average of the CAM);
 * ``point``: fraction of positives whose CAM maximum lies within 3 px of a lesion;
 * ``cam>=t``: Dice of the CAM region above ``t`` x its per-image maximum;
-* for the pseudo-mask rules of ``medseg_core/weak/cam.py``
+* for the pseudo-mask rules of ``medseg_core/weak/pseudo.py``
   (``agree``: CAM >= 0.5 max and decoder p >= 0.5; ``decoder``: p >= 0.5 x
   its per-image maximum and >= ``fg_floor``): precision and recall of the
   pseudo-foreground, and ``lesion-as-bg``, the fraction of lesion pixels the
@@ -47,7 +47,7 @@ from medseg_core.models.heads import last_cam
 from medseg_core.sites import materialise_site
 from medseg_core.training.session import build_segmenter, load_state
 from medseg_core.training.site import SiteSession
-from medseg_core.weak import pseudo_masks
+from medseg_core.weak import WeakSettings, pseudo_masks
 from medseg_core.refine import pamr
 
 
@@ -99,8 +99,7 @@ def main() -> None:
                  " ".join(f"cam>={t} {_dice(rel >= t, y):.3f}" for t in (0.3, 0.5, 0.7))]
         rules = [("agree", "agree", 0.2)] + [(f"decoder(floor {f})", "decoder", f) for f in args.fg_floor]
         for name, source, floor in rules:
-            pm = pseudo_masks(cam, None, logits, tau_fg=0.5, tau_bg=0.2, fg_source=source,
-                              fg_floor=floor)[:, 0]
+            pm = pseudo_masks(cam, logits, WeakSettings(pseudo_fg=source, fg_floor=floor))[:, 0]
             fg = pm == 1
             prec = float((fg & y).sum()) / max(int(fg.sum()), 1)
             rec = float((fg & y).sum()) / int(y.sum())

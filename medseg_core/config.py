@@ -197,7 +197,7 @@ class WeakConfig(_Strict):
     imbalance: Literal["none", "focal"] = "none"  # focal loss against class imbalance
     focal_gamma: float = Field(default=2.0, ge=0.0)
     # positives on which the decoder predicts nothing take their CAM region as
-    # pseudo-foreground (else they only teach background; see weak/cam.py)
+    # pseudo-foreground (else they only teach background; see weak/pseudo.py)
     cam_bootstrap: bool = False
     # positives' pseudo-foreground: "agree" (CAM region where the decoder also says
     # lesion) or "decoder" (the decoder's own top region: p >= tau_fg * max p, >= fg_floor)
@@ -240,7 +240,7 @@ class WeakConfig(_Strict):
     # how the CAM head's map becomes the image-level logit: "mean" (global average
     # pooling, Zhou et al. 2016) or "lse" (log-sum-exp, a smooth max, Pinheiro &
     # Collobert 2015): a lesion covering 1-2 of the 8x8 bottleneck cells is diluted
-    # 30-60x by the average (weak/cam.py)
+    # 30-60x by the average (weak/settings.py)
     cam_pooling: Literal["mean", "lse"] = "mean"
     # weight of the CAM head's image-level classification loss (0.2: at 1 the
     # decoder of a 2-site federation collapsed; docs/architecture.md)

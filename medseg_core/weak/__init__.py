@@ -1,12 +1,16 @@
 """Weak supervision: segmenters trained from image-level labels.
 
-* :mod:`.cam` - CAM pseudo-masks with a refinement step and the joint loss
-  (masks where a case has one; image-level labels everywhere else);
+* :mod:`.cam` - the joint loss (masks where a case has one; image-level
+  labels everywhere else);
+* :mod:`.pseudo` - CAM pseudo-masks with a refinement step, the size
+  constraint;
+* :mod:`.settings` - :class:`WeakSettings` and the per-sample terms the
+  losses share;
 * :mod:`.mil` - bags (patient = bag = one DP sample), per-bag gradients
   under Opacus, and the MIL loss (attention or max pooling).
 """
 
-from medseg_core.weak.cam import WeakSegLoss, WeakSettings, pseudo_masks
+from medseg_core.weak.cam import WeakSegLoss
 from medseg_core.weak.mil import (
     BagSet,
     MilLoss,
@@ -14,6 +18,8 @@ from medseg_core.weak.mil import (
     check_bags,
     fold_bag_grad_samples,
 )
+from medseg_core.weak.pseudo import pseudo_masks
+from medseg_core.weak.settings import WeakSettings
 
 __all__ = [
     "BagSet",

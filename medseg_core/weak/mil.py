@@ -24,9 +24,9 @@ Loss per bag (:class:`MilLoss`), mean over bags:
 * a **positive** bag: the smooth-max (log-sum-exp) of the decoder's
   foreground-vs-background logit over all the bag's pixels must say "lesion
   somewhere"; and its key instances (attention at least uniform ``1/K``)
-  get the refined CAM pseudo-mask of :func:`medseg_core.weak.cam.pseudo_masks`;
+  get the refined CAM pseudo-mask of :func:`medseg_core.weak.pseudo.pseudo_masks`;
   with ``train.weak.size_prior`` the bag as a whole also gets the size
-  constraint of :func:`medseg_core.weak.cam.size_prior_loss` (its most
+  constraint of :func:`medseg_core.weak.pseudo.size_prior_loss` (its most
   lesion-like pixels over all members, if it predicts too few).
 """
 
@@ -43,13 +43,8 @@ from medseg_core.data.datalist import Case
 from medseg_core.data.slices import SliceSet
 from medseg_core.errors import DataIntegrityError
 from medseg_core.models.heads import cam_segmenter
-from medseg_core.weak.cam import (
-    WeakSettings,
-    cam_image_logit,
-    image_label_loss,
-    pseudo_mask_ce,
-    size_prior_loss,
-)
+from medseg_core.weak.pseudo import pseudo_mask_ce, size_prior_loss
+from medseg_core.weak.settings import WeakSettings, cam_image_logit, image_label_loss
 
 __all__ = ["BagSet", "MilLoss", "bags_from_slices", "check_bags", "fold_bag_grad_samples"]
 

@@ -17,7 +17,7 @@ from medseg_core.sites import materialise_site
 from medseg_core.training.session import build_segmenter
 from medseg_core.training.site import RoundRequest, SiteSession
 from medseg_core.weak import WeakSegLoss, WeakSettings, pseudo_masks
-from medseg_core.weak.cam import size_prior_loss
+from medseg_core.weak.pseudo import size_prior_loss
 
 
 def _model(weak_head: str = "cam", name: str = "unet") -> torch.nn.Module:
@@ -64,15 +64,15 @@ def test_pseudo_mask_keeps_only_pixels_both_heads_agree_on() -> None:
     seg[0, 0] = 2.0  # decoder says background by default
     seg[0, 1, 2:6, 2:4] = 5.0  # decoder fires on the centre-left only
     seg[0, 1, 0, 0] = 5.0  # ... and on a corner the CAM does not support
-    pm = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2)
+    pm = pseudo_masks(cam, seg, WeakSettings())
     assert pm.shape == (1, 1, 8, 8)
     assert int(pm[0, 0, 3, 3]) == 1  # both agree
     assert int(pm[0, 0, 0, 0]) == 0  # CAM clearly low: background despite the decoder
     assert int(pm[0, 0, 3, 5]) == IGNORE_LABEL  # CAM high, decoder unsure: ignored
-    flipped = pseudo_masks(cam, cam.flip(-1), seg, tau_fg=0.5, tau_bg=0.2)
+    flipped = pseudo_masks(cam, seg, WeakSettings(), cam_flipped=cam.flip(-1))
     assert torch.equal(flipped, pm)  # a flip-symmetric CAM is unchanged by the consistency step
     # the decoder fires somewhere: bootstrapping changes nothing
-    assert torch.equal(pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2, bootstrap=True), pm)
+    assert torch.equal(pseudo_masks(cam, seg, WeakSettings(cam_bootstrap=True)), pm)
 
 
 def test_pseudo_mask_bootstraps_from_the_cam_where_the_decoder_finds_nothing() -> None:
@@ -81,14 +81,13 @@ def test_pseudo_mask_bootstraps_from_the_cam_where_the_decoder_finds_nothing() -
     seg = torch.zeros(2, 2, 8, 8)
     seg[:, 0] = 2.0  # the decoder predicts background everywhere ...
     seg[1, 1, 0, 0] = 5.0  # ... except one corner pixel of image 1
-    plain = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2)
-    boot = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2, bootstrap=True)
+    plain = pseudo_masks(cam, seg, WeakSettings())
+    boot = pseudo_masks(cam, seg, WeakSettings(cam_bootstrap=True))
     assert not bool((plain == 1).any())  # without bootstrap: no foreground to learn from
     assert int(boot[0, 0, 3, 3]) == 1 and int(boot[0, 0, 0, 0]) == 0  # CAM region / CAM low
     assert torch.equal(boot[1], plain[1])  # image 1's decoder fires: agreement rule as before
     # the scenario option reaches the loss
     from medseg_core.config import WeakConfig
-    from medseg_core.weak import WeakSettings
 
     assert WeakSettings.from_config(WeakConfig(cam_bootstrap=True)).cam_bootstrap is True
     assert WeakSettings.from_config(WeakConfig()).cam_bootstrap is False
@@ -104,18 +103,18 @@ def test_pseudo_mask_from_the_decoder_takes_its_top_region_wherever_the_cam_is()
     seg[0, 1, 4:6, 1:3] = 2.4  # a timid decoder: p = 0.6 on its lesion, nowhere > 0.5 else
     seg[0, 1, 4, 3] = 1.0  # p = 0.27: under half the image's maximum
     seg[1, 1] = -1.0  # image 1: p = 0.05 everywhere, under the floor
-    pm = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2, fg_source="decoder", fg_floor=0.2)
+    pm = pseudo_masks(cam, seg, WeakSettings(pseudo_fg="decoder", fg_floor=0.2))
     assert bool((pm[0, 0, 4:6, 1:3] == 1).all())  # the decoder's region, although the CAM is low
     assert int(pm[0, 0, 4, 3]) == 0 and int(pm[0, 0, 0, 0]) == 0  # CAM-low background
     assert not bool((pm[1] == 1).any())  # nothing above the floor: no foreground
-    agree = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2)
+    agree = pseudo_masks(cam, seg, WeakSettings())
     assert not bool((agree == 1).any())  # the agreement rule finds nothing here
     with pytest.raises(ValueError, match="pseudo-foreground source 'cam'.*'decoder'"):
-        pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2, fg_source="cam")
+        pseudo_masks(cam, seg, WeakSettings(pseudo_fg="cam"))
     s = WeakSettings.from_config(WeakConfig(pseudo_fg="decoder", fg_floor=0.3, pseudo_bg=False))
     assert (s.pseudo_fg, s.fg_floor, s.pseudo_bg) == ("decoder", 0.3, False)
     # without CAM background, a positive is scored on its pseudo-foreground only
-    from medseg_core.weak.cam import pseudo_mask_ce
+    from medseg_core.weak.pseudo import pseudo_mask_ce
 
     logits = seg.clone().requires_grad_(True)
     ce = pseudo_mask_ce(cam, logits, s)
@@ -137,8 +136,8 @@ def test_pseudo_mask_grows_from_its_seed_into_connected_likely_pixels_only() -> 
     seg[:, 1, 3, 2:8] = 1.5  # p = 0.38: under 0.5, above the growing threshold 0.3
     seg[:, 1, 6, 0] = 1.5  # likely but not connected to the seed
     seg[1, 1, 3, 1] = 0.0  # image 1: no seed at all
-    plain = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2)
-    grown = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2, grow=0.3)
+    plain = pseudo_masks(cam, seg, WeakSettings())
+    grown = pseudo_masks(cam, seg, WeakSettings(grow=0.3))
     assert int((plain[0] == 1).sum()) == 1 and int(plain[0, 0, 3, 1]) == 1
     # the seed and its connected likely pixels, up to where the CAM is clearly low
     reach = [c for c in range(1, 8) if bool((rel[1:c + 1] >= 0.2).all())]
@@ -147,8 +146,7 @@ def test_pseudo_mask_grows_from_its_seed_into_connected_likely_pixels_only() -> 
     assert int(grown[0, 0, 6, 0]) != 1 and int((grown[0] == 1).sum()) == len(reach)
     assert not bool((grown[1] == 1).any())  # nothing to grow from
     # each image is grown on its own: image 0 alone gives the same pseudo-mask
-    assert torch.equal(pseudo_masks(cam[:1], None, seg[:1], tau_fg=0.5, tau_bg=0.2, grow=0.3),
-                       grown[:1])
+    assert torch.equal(pseudo_masks(cam[:1], seg[:1], WeakSettings(grow=0.3)), grown[:1])
     assert WeakSettings.from_config(WeakConfig(grow=0.3)).grow == 0.3
     assert WeakSettings.from_config(WeakConfig()).grow is None
 
@@ -243,7 +241,7 @@ def test_pixel_mil_constraint_and_cam_weight_reach_the_loss_from_the_config() ->
 
 def test_cam_smooth_max_pooling_is_decided_by_the_lesion_cells() -> None:
     """One lesion cell of 64: the average says "no lesion", the smooth max says "lesion"."""
-    from medseg_core.weak.cam import cam_image_logit
+    from medseg_core.weak.settings import cam_image_logit
 
     cam = torch.full((1, 1, 8, 8), -1.0)
     cam[0, 0, 3, 4] = 4.0
@@ -264,7 +262,7 @@ def test_cam_pooling_reaches_the_image_loss_from_the_config() -> None:
 
     from medseg_core.config import WeakConfig
     from medseg_core.models.heads import last_cam
-    from medseg_core.weak.cam import smooth_max
+    from medseg_core.weak.settings import smooth_max
 
     torch.manual_seed(0)
     model = _model()
@@ -443,7 +441,7 @@ def test_fixmatch_term_is_per_sample_and_only_on_unlabeled() -> None:
 
 @pytest.mark.parametrize("option", ["gce", "focal"])
 def test_noisy_label_and_imbalance_options_bound_the_image_loss(option: str) -> None:
-    from medseg_core.weak.cam import image_label_loss
+    from medseg_core.weak.settings import image_label_loss
 
     s = WeakSettings(noisy_labels="gce") if option == "gce" else WeakSettings(imbalance="focal")
     logit = torch.tensor([8.0, -8.0, 0.0])  # confidently wrong, confidently right, unsure
@@ -494,11 +492,11 @@ def test_pseudo_background_keeps_its_margin_from_the_decoders_lesion() -> None:
     seg = torch.zeros(1, 2, 16, 16)
     seg[0, 0] = 2.0
     seg[0, 1, 8:10, 8:10] = 5.0  # the decoder finds a lesion the CAM misses
-    plain = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2)[0, 0]
+    plain = pseudo_masks(cam, seg, WeakSettings())[0, 0]
     assert int(plain[8, 8]) == 0 and int(plain[6, 6]) == 0  # CAM-low: background, lesion included
     s = WeakSettings.from_config(WeakConfig(bg_margin=2))
     assert s.bg_margin == 2
-    pm = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2, bg_margin=s.bg_margin)[0, 0]
+    pm = pseudo_masks(cam, seg, WeakSettings(bg_margin=s.bg_margin))[0, 0]
     band = torch.zeros(16, 16, dtype=torch.bool)
     band[6:12, 6:12] = True  # the lesion and 2 px around it
     assert bool((pm[band] == IGNORE_LABEL).all())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,19 +69,17 @@ def test_refined_pseudo_mask_reaches_the_lesion_edge_and_background_needs_both_v
     seg[0, 1, 9:15, 9:15] = 6.0  # decoder: all but the 1-px rim
     cam = torch.zeros(1, 1, 3, 3)
     cam[0, 0, 0, 0] = 4.0  # the CAM's maximum sits elsewhere: CAM-low over the lesion
-    plain = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2, fg_source="decoder", fg_floor=0.5)
+    plain = pseudo_masks(cam, seg, WeakSettings(pseudo_fg="decoder", fg_floor=0.5))
     assert int((plain[0, 0, 8:16, 8:16] == 1).sum()) == 36  # the core only
     assert int((plain[0, 0, 8:16, 8:16] == 0).sum()) == 64 - 36  # its rim trained as background
     s = WeakSettings.from_config(WeakConfig(refine="pamr", bg_max_p=0.2, pseudo_fg="decoder",
                                             fg_floor=0.5))
-    ref = pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2, fg_source="decoder", fg_floor=0.5,
-                       image=x, refine=s.refine, pamr_dilations=s.pamr_dilations,
-                       pamr_iterations=s.pamr_iterations, bg_max_p=s.bg_max_p)[0, 0]
+    ref = pseudo_masks(cam, seg, s, image=x)[0, 0]
     assert bool((ref[8:16, 8:16] == 1).all())  # the whole lesion is foreground
     assert int((ref == 1).sum()) == 64
     assert int((ref == 0).sum()) > 0.5 * (24 * 24 - 64)  # far tissue is still background
     with pytest.raises(ValueError, match="needs the input images"):
-        pseudo_masks(cam, None, seg, tau_fg=0.5, tau_bg=0.2, refine="pamr")
+        pseudo_masks(cam, seg, WeakSettings(refine="pamr"))
 
 
 def test_weak_loss_with_refinement_is_per_sample_and_differs_from_without() -> None:
@@ -132,10 +131,10 @@ def test_implausibly_large_pseudo_foreground_is_ignored_not_taught() -> None:
     seg[1, 0] = 3.0
     seg[1, 1, 10:14, 10:14] = 6.0  # a lesion-sized region
     s = WeakSettings.from_config(WeakConfig(pseudo_fg="decoder", fg_floor=0.5, fg_max_fraction=0.15))
-    kw = {"tau_fg": 0.5, "tau_bg": 0.2, "fg_source": "decoder", "fg_floor": 0.5, "bg_max_p": 0.2}
-    free = pseudo_masks(cam, None, seg, **kw)[:, 0]
+    base = WeakSettings(pseudo_fg="decoder", fg_floor=0.5, bg_max_p=0.2)
+    free = pseudo_masks(cam, seg, base)[:, 0]
     assert bool((free[0] == 1).all())  # without the limit: the whole image is "lesion"
-    pm = pseudo_masks(cam, None, seg, fg_max_fraction=s.fg_max_fraction, **kw)[:, 0]
+    pm = pseudo_masks(cam, seg, replace(base, fg_max_fraction=s.fg_max_fraction))[:, 0]
     assert int((pm[0] == 1).sum()) == 0
     assert bool((pm[0] == IGNORE_LABEL).all())  # ignored, not turned into background
     assert bool((pm[1] == free[1]).all())  # a plausible region is kept as is
