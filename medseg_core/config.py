@@ -221,6 +221,10 @@ class WeakConfig(_Strict):
     # a CAM-low pixel of a positive is background only where the (refined) decoder
     # probability is below this too (None: the CAM alone decides)
     bg_max_p: float | None = Field(default=None, gt=0.0, lt=1.0)
+    # where a positive's pseudo-background comes from: "cam" (CAM-low pixels, and
+    # decoder below bg_max_p if set) or "decoder" (decoder below bg_max_p, default
+    # 0.2, only in an image where the decoder found a lesion; weak/pseudo.py)
+    bg_source: Literal["cam", "decoder"] = "cam"
     # a positive whose pseudo-foreground covers more than this fraction of the image
     # gets none (ignored, not background): an untrained decoder's p ~ 0.5 everywhere
     # is not a lesion (None: no limit)

@@ -44,6 +44,7 @@ class WeakSettings:
     refine: str = "none"  # "pamr": decoder probability refined by image affinities (medseg_core/refine.py)
     pamr_dilations: tuple[int, ...] = (1, 2)
     pamr_iterations: int = 10
+    bg_source: str = "cam"  # "decoder": background where the decoder is low, once it found a lesion
     bg_max_p: float | None = None  # CAM-low background also needs decoder p below this
     fg_max_fraction: float | None = None  # a larger pseudo-foreground is dropped (ignored)
     pseudo_fg: str = "agree"  # "agree": CAM and decoder; "decoder": the decoder's own top region

@@ -138,3 +138,25 @@ def test_implausibly_large_pseudo_foreground_is_ignored_not_taught() -> None:
     assert int((pm[0] == 1).sum()) == 0
     assert bool((pm[0] == IGNORE_LABEL).all())  # ignored, not turned into background
     assert bool((pm[1] == free[1]).all())  # a plausible region is kept as is
+
+
+def test_decoder_background_needs_a_found_lesion_and_ignores_the_cam() -> None:
+    from medseg_core.config import WeakConfig
+
+    cam = torch.zeros(2, 1, 3, 3)
+    cam[:, 0, 0, 0] = 4.0  # the CAM points at a corner, far from any lesion
+    seg = torch.zeros(2, 2, 24, 24)
+    seg[:, 0] = 3.0  # background everywhere (p ~ 0.05) ...
+    seg[0, 1, 10:14, 10:14] = 6.0  # ... except a lesion the decoder found in image 0
+    seg[0, 1, 16:20, 2:6] = 2.15  # and an unsure patch (p ~ 0.3: neither lesion nor < 0.2)
+    s = WeakSettings.from_config(WeakConfig(bg_source="decoder", pseudo_fg="decoder", fg_floor=0.5))
+    pm = pseudo_masks(cam, seg, s)[:, 0]
+    assert bool((pm[0, 10:14, 10:14] == 1).all())
+    assert bool((pm[0, 16:20, 2:6] == IGNORE_LABEL).all())
+    bg = pm[0] == 0
+    assert int(bg.sum()) == 24 * 24 - 16 - 16  # every confident-background pixel, whatever the CAM says
+    assert bool((pm[1] == IGNORE_LABEL).all())  # nothing found: no pixel is known background
+    cam_rule = pseudo_masks(cam, seg, WeakSettings(pseudo_fg="decoder", fg_floor=0.5))[:, 0]
+    assert int((cam_rule[1] == 0).sum()) > 0  # the CAM rule teaches background there
+    with pytest.raises(ValueError, match=r"pseudo-background source 'x'.*\['cam', 'decoder'\]"):
+        pseudo_masks(cam, seg, WeakSettings(bg_source="x"))
