@@ -6,7 +6,8 @@ pseudo-masks would have taught. For one global checkpoint of the run and
 every 2D site, on the positive cases of the site's test split (never trained
 on), prints:
 
-* ``auc``: image-level AUC of the CAM head's logit (global average of the CAM);
+* ``auc``: image-level AUC of the CAM head's logit (the run's ``train.weak.cam_pooling``:
+  global average or smooth max of the CAM);
 * ``point``: fraction of positives whose CAM maximum lies within 3 px of a lesion;
 * ``cam>=t``: Dice of the CAM region above ``t`` x its per-image maximum;
 * for the pseudo-mask rules of ``medseg_core/weak/pseudo.py``
@@ -48,6 +49,7 @@ from medseg_core.sites import materialise_site
 from medseg_core.training.session import build_segmenter, load_state
 from medseg_core.training.site import SiteSession
 from medseg_core.weak import WeakSettings, pseudo_masks
+from medseg_core.weak.settings import cam_image_logit
 from medseg_core.refine import pamr
 
 
@@ -67,6 +69,7 @@ def main() -> None:
         raise SystemExit(f"{args.run}: the model has no CAM head (model.weak_head: "
                          f"{scenario.model.weak_head!r}); nothing to score")
     rnd = args.round or json.loads((args.run / "summary.json").read_text())["federated"]["selected_round"]
+    weak = WeakSettings.from_config(scenario.train.weak)
     ck = args.run / "server" / "checkpoints" / f"round_{rnd:04d}"
     model = build_segmenter(scenario.model, scenario.data)
     load_state(model, {**{k: v.numpy() for k, v in model.state_dict().items()},
@@ -89,7 +92,7 @@ def main() -> None:
         lesions = _per_lesion(test.images[:, 0].numpy(), y.numpy(),
                               logits.softmax(1)[:, 1:].sum(1).numpy())
         images = test.images[pos]
-        auc = roc_auc(cam.flatten(1).mean(1), pos.long())  # nan with one class only
+        auc = roc_auc(cam_image_logit(cam, weak), pos.long())  # nan with one class only
         logits, cam, y = logits[pos], cam[pos], y[pos]
         c = F.interpolate(F.relu(cam), size=y.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         rel = c / c.flatten(1).amax(1).clamp_min(1e-6)[:, None, None]

@@ -105,12 +105,12 @@ def pseudo_masks(
     decoder has found a lesion (``p >= 0.5`` somewhere); a positive on which
     it finds none gets no background at all (the label says a lesion is
     there, so no pixel is known to be background). Measured on stop 11's
-    selected checkpoints of the mixed-regime scenario (seed 1, no DP;
-    README, "Weak labels"), the bottleneck CAM did not
-    separate positives from negatives (mean image logit 0.21-0.30 vs
-    0.22-0.25) and its maximum lay within 3 px of a dark lesion in 9-11 %
-    of cases: its low region is close to a random 30 % of the image, lesions
-    included.
+    selected checkpoint of the mixed-regime scenario (seed 1, no DP;
+    ``benchmarks/pseudo_masks.py``), the bottleneck CAM classified
+    (image AUC 0.79-0.86) but did not localise: its maximum lay within 3 px
+    of a lesion in 23-29 % of positives and its ``>= 0.5 * max`` region had
+    Dice 0.11-0.14 with the lesions; its low region reaches into lesions
+    (29-41 % of lesion pixels, above) wherever its maximum is elsewhere.
 
     With ``fg_max_fraction`` set, an image whose pseudo-foreground covers
     more than that fraction of it gets none (those pixels are ignored, not
