@@ -95,7 +95,7 @@ def cam_image_logit(cam: Tensor, s: WeakSettings) -> Tensor:
     lesion-like cells, which is what the pseudo-mask rules then read.
     Measured on the mixed-regime scenario without DP (seeds 0 and 1, README,
     "Weak labels") it did the opposite: the CAM's image AUC fell from
-    0.79-0.86 to 0.55-0.67, its maximum left the lesions (within 3 px of one
+    0.79-0.86 to 0.55-0.76, its maximum left the lesions (within 3 px of one
     in 0-2 % of positives) and the weak arm's Dice fell; off by default.
     """
     if s.cam_pooling == "lse":
