@@ -239,6 +239,13 @@ def test_pixel_mil_constraint_and_cam_weight_reach_the_loss_from_the_config() ->
     assert all(c > w for c, w in zip(cam_only, without))  # the CAM loss, on every case with a class
 
 
+def _positive_and_negative() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fresh CAM model and two image-level cases (a positive, a negative), no masks."""
+    torch.manual_seed(0)
+    labels = torch.full((2, 1, 32, 32), IGNORE_LABEL, dtype=torch.int64)
+    return _model(), torch.randn(2, 1, 32, 32), labels, torch.tensor([1, 0])
+
+
 def test_cam_smooth_max_pooling_is_decided_by_the_lesion_cells() -> None:
     """One lesion cell of 64: the average says "no lesion", the smooth max says "lesion"."""
     from medseg_core.weak.settings import cam_image_logit
@@ -264,11 +271,7 @@ def test_cam_pooling_reaches_the_image_loss_from_the_config() -> None:
     from medseg_core.models.heads import last_cam
     from medseg_core.weak.settings import smooth_max
 
-    torch.manual_seed(0)
-    model = _model()
-    x = torch.randn(2, 1, 32, 32)
-    labels = torch.full((2, 1, 32, 32), IGNORE_LABEL, dtype=torch.int64)
-    classes = torch.tensor([1, 0])
+    model, x, labels, classes = _positive_and_negative()
     s = WeakSettings.from_config(WeakConfig(cam_pooling="lse", cam_weight=1.0, weak_weight=0.0))
     assert s.cam_pooling == "lse"
     got = _per_case_loss(model, x, labels, classes, s)
@@ -286,11 +289,7 @@ def test_cam_pooling_reaches_the_image_loss_from_the_config() -> None:
 def test_positives_warm_up_keeps_only_the_image_loss_and_negatives_before_its_round() -> None:
     from medseg_core.config import WeakConfig
 
-    torch.manual_seed(0)
-    model = _model()
-    x = torch.randn(2, 1, 32, 32)
-    labels = torch.full((2, 1, 32, 32), IGNORE_LABEL, dtype=torch.int64)
-    classes = torch.tensor([1, 0])
+    model, x, labels, classes = _positive_and_negative()
     s = WeakSettings.from_config(WeakConfig(size_prior=(0.01, 0.2), positives_from_round=3))
     assert [s.for_round(r).positives for r in (1, 2, 3, 4)] == [False, False, True, True]
     def per_case(settings: WeakSettings) -> list[float]:
