@@ -5,8 +5,8 @@ batch loss is a mean of per-sample losses, as DP-SGD requires):
 
 * a case **with a mask**: Dice + cross-entropy (the spine's loss);
 * every case **with an image-level class** (masks included): binary
-  cross-entropy of the CAM head's image logit (global average of the CAM,
-  :class:`medseg_core.models.heads.CamSegmenter`);
+  cross-entropy of the CAM head's image logit (global average or smooth
+  max of the CAM, ``cam_pooling``; :class:`medseg_core.models.heads.CamSegmenter`);
 * an image-level **negative**: its mask is known exactly (all background):
   cross-entropy against background;
 * an image-level **positive**: cross-entropy against a refined CAM
@@ -21,10 +21,9 @@ workshop): a log-sum-exp (smooth max, Pinheiro & Collobert 2015, CVPR) of
 the decoder's foreground-vs-background logit must say "lesion somewhere" for
 positives and "nowhere" for negatives.
 
-The pseudo-mask rules (:func:`pseudo_masks`) and the size constraint
-(:func:`size_prior_loss`) live in :mod:`medseg_core.weak.pseudo`, the
-settings and the shared per-sample terms in :mod:`medseg_core.weak.settings`;
-the names of both are re-exported here.
+The pseudo-mask rules (:func:`medseg_core.weak.pseudo.pseudo_masks`) and
+the size constraint live in :mod:`medseg_core.weak.pseudo`, the settings and
+the shared per-sample terms in :mod:`medseg_core.weak.settings`.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 
 from medseg_core.data.slices import IGNORE_LABEL
 from medseg_core.models.heads import cam_segmenter
-from medseg_core.weak.pseudo import pseudo_mask_ce, pseudo_masks, size_prior_loss
+from medseg_core.weak.pseudo import pseudo_mask_ce, size_prior_loss
 from medseg_core.weak.settings import (
     WeakSettings,
     cam_image_logit,
@@ -45,8 +44,7 @@ from medseg_core.weak.settings import (
     smooth_max,
 )
 
-__all__ = ["WeakSegLoss", "WeakSettings", "cam_image_logit", "image_label_loss", "pixel_ce", "pseudo_mask_ce",
-           "pseudo_masks", "size_prior_loss", "smooth_max"]
+__all__ = ["WeakSegLoss"]
 
 
 class WeakSegLoss(nn.Module):
