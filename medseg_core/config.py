@@ -244,7 +244,8 @@ class WeakConfig(_Strict):
     # how the CAM head's map becomes the image-level logit: "mean" (global average
     # pooling, Zhou et al. 2016) or "lse" (log-sum-exp, a smooth max, Pinheiro &
     # Collobert 2015): a lesion covering 1-2 of the 8x8 bottleneck cells is diluted
-    # 30-60x by the average (weak/settings.py)
+    # 30-60x by the average; measured, the smooth max localised worse (README,
+    # "Weak labels"; weak/settings.py)
     cam_pooling: Literal["mean", "lse"] = "mean"
     # weight of the CAM head's image-level classification loss (0.2: at 1 the
     # decoder of a 2-site federation collapsed; docs/architecture.md)
