@@ -4,9 +4,13 @@ Runs ``medseg simulate`` on one scenario once per adaptation mode (``none``
 is plain FedAvg: every parameter aggregated), with the same seed, sites,
 DP setting and compute, each in its own process, and prints per-site test
 Dice, the mean and the worst site, and each mode's difference to ``none``.
+With ``--personalize N`` every mode with private layers also personalises
+them for N epochs after the rounds (``train.personalize``); its row is then
+the personalised Dice and a second row, ``(as federated)``, the same run's
+global model with the private layers as federated.
 
     .venv/bin/python benchmarks/adaptation.py [--config simulations/configs/strong_shift.yaml]
-        [--modes none norm+adapter] [--dp on off] [--seeds 0]
+        [--modes none norm+adapter] [--dp on off] [--seeds 0] [--personalize 4]
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ def main() -> None:
                     choices=["none", "norm", "adapter", "norm+adapter"])
     ap.add_argument("--dp", nargs="+", choices=["on", "off"], default=["on"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--personalize", type=int, default=None, metavar="EPOCHS",
+                    help="train.personalize.epochs for the modes with private layers "
+                         "(default: the scenario's)")
     args = ap.parse_args()
     base = yaml.safe_load(Path(args.config).read_text())
     out = Path(args.out)
@@ -52,10 +59,19 @@ def main() -> None:
             for mode in args.modes:
                 tag = f"dp-{dp}-seed{seed}-{mode.replace('+', '-')}"
                 cfg = out / f"{tag}.yaml"
+                train = dict(base.get("train", {}))
+                pers = train.get("personalize", {}).get("epochs", 0) if args.personalize is None \
+                    else args.personalize
+                train["personalize"] = {**train.get("personalize", {}),
+                                        "epochs": 0 if mode == "none" else pers}
                 cfg.write_text(yaml.safe_dump(
-                    {**base, "seed": seed, "model": {**base["model"], "adaptation": mode}},
-                    sort_keys=False))
-                rows[mode] = _simulate(cfg, out / tag, dp)
+                    {**base, "seed": seed, "model": {**base["model"], "adaptation": mode},
+                     "train": train}, sort_keys=False))
+                rows[mode] = summ = _simulate(cfg, out / tag, dp)
+                per = summ["federated"]["per_site"]
+                if any("dice_global" in v for v in per.values()):
+                    rows[f"{mode} (as federated)"] = {**summ, "federated": {**summ["federated"], "per_site": {
+                        k: {"dice": v.get("dice_global", v["dice"])} for k, v in per.items()}}}
             sites = rows[args.modes[0]]["sites"]
             print(f"\nDP {dp}, seed {seed}: federated test Dice ± standard error over the "
                   f"site's test cases, per site ({', '.join(sites)})")
@@ -66,7 +82,7 @@ def main() -> None:
                 se = [s["federated"]["per_site"][x].get("dice_se") for x in sites]
                 per = "  ".join(f"{v:.4f}" + (f" ± {e:.3f}" if e is not None else "")
                                 for v, e in zip(d, se, strict=True))
-                print(f"  {mode:<13} {per}   mean {stats[mode][0]:.4f}  worst {stats[mode][1]:.4f}"
+                print(f"  {mode:<27} {per}   mean {stats[mode][0]:.4f}  worst {stats[mode][1]:.4f}"
                       f"  ({s['_wall']:.0f} s)")
             if "none" in stats:
                 for mode, (mean, worst) in stats.items():

@@ -46,6 +46,8 @@ _TRAIN_KEYS = {
     "model": str, "data": str,
 }
 _EVAL_KEYS = {keys.SERVER_ROUND: int, keys.EVAL_SPLIT: str, "model": str, "data": str}
+_PERSONALIZE_KEYS = {keys.MODEL_ROUND: int, keys.RUN_NAME: str, keys.PERSONALIZE_EPOCHS: int,
+                     keys.LEARNING_RATE: float, "batch-size": int, "model": str, "data": str}
 
 
 def _config(msg: Message, required: Mapping[str, type]) -> ConfigRecord:
@@ -106,6 +108,7 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 run_name=str(cfg.get(keys.RUN_NAME, "")),
                 min_component_voxels=int(cfg.get(keys.MIN_COMPONENT_VOXELS, 0)),
                 refine=str(cfg.get(keys.EVAL_REFINE, "none")),
+                reserve_epochs=int(cfg.get(keys.PERSONALIZE_EPOCHS, 0)),
             )
             global_state = record_to_state(msg.content.array_records[keys.ARRAYS])
             if req.server_round in site.drop_rounds:  # simulated outage (tests, scenarios)
@@ -172,13 +175,19 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
             session = session_for(site, str(cfg["model"]), str(cfg["data"]),
                                   str(cfg.get("weak", "{}")))
             split = str(cfg[keys.EVAL_SPLIT])
+            run_name = str(cfg.get(keys.RUN_NAME, ""))
+            model_round = int(cfg.get(keys.MODEL_ROUND, cfg[keys.SERVER_ROUND]))
+            # A site whose personalisation failed is scored with its layers as
+            # federated, and says so (keys.PERSONALIZED in the reply).
+            personalized = bool(cfg.get(keys.PERSONALIZED, False)) and session.has_personalized(
+                run_name, model_round)
             res = session.evaluate(
                 record_to_state(msg.content.array_records[keys.ARRAYS]), split,
                 min_component_voxels=int(cfg.get(keys.MIN_COMPONENT_VOXELS, 0)),
-                run_name=str(cfg.get(keys.RUN_NAME, "")),
-                model_round=int(cfg.get(keys.MODEL_ROUND, cfg[keys.SERVER_ROUND])),
+                run_name=run_name, model_round=model_round,
                 bag_gate=bool(cfg.get(keys.BAG_GATE, False)),
                 refine=str(cfg.get(keys.EVAL_REFINE, "none")),
+                personalized=personalized,
             )
         except DataIntegrityError as exc:
             return _error_reply(msg, keys.ERR_DATA_INTEGRITY, exc)
@@ -205,9 +214,59 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 keys.EMPTY_DICE: float(res.empty_dice) if res.empty_dice is not None else float("nan"),
                 keys.DICE_SE: float(res.dice_se) if res.dice_se is not None else float("nan"),
                 keys.EVAL_SPLIT: split,
+                keys.PERSONALIZED: personalized,
                 "epsilon-spent": float(session.epsilon_spent()) if site.dp_enabled else -1.0,
             }),
         })
+        return Message(content=content, reply_to=msg)
+
+    @app.train("personalize")
+    def personalize(msg: Message, context: Context) -> Message:
+        """Post-federation personalisation of the site's private layers
+        (``train.personalize``). The reply carries metrics only: the
+        personalised layers never leave the site."""
+        try:
+            cfg = _config(msg, _PERSONALIZE_KEYS)
+            site = resolve_site(context.node_config, context.run_config, site_map)
+            session = session_for(site, str(cfg["model"]), str(cfg["data"]),
+                                  str(cfg.get("weak", "{}")))
+            out = session.personalize(
+                record_to_state(msg.content.array_records[keys.ARRAYS]),
+                str(cfg[keys.RUN_NAME]), int(cfg[keys.MODEL_ROUND]),
+                epochs=int(cfg[keys.PERSONALIZE_EPOCHS]), lr=float(cfg[keys.LEARNING_RATE]),
+                batch_size=int(cfg["batch-size"]),
+                min_component_voxels=int(cfg.get(keys.MIN_COMPONENT_VOXELS, 0)),
+                refine=str(cfg.get(keys.EVAL_REFINE, "none")),
+            )
+        except PrivacyBudgetExceeded as exc:
+            return _error_reply(msg, keys.ERR_BUDGET_EXHAUSTED, exc)
+        except DataIntegrityError as exc:
+            return _error_reply(msg, keys.ERR_DATA_INTEGRITY, exc)
+        except (ConfigError, AdaptationLeakError) as exc:
+            return _error_reply(msg, keys.ERR_SITE_CONFIG, exc)
+        except Exception as exc:  # noqa: BLE001
+            logger.exception("personalisation failed")
+            return _error_reply(msg, keys.ERR_CLIENT_FAILURE, exc)
+        content = RecordDict({
+            keys.METRICS: MetricRecord({
+                keys.DICE_BEFORE: float(out.val_dice_before),
+                keys.DICE: float(out.val_dice_after),
+                keys.EPOCHS_KEPT: int(out.epochs_kept),
+                keys.STEPS: int(out.steps),
+            }),
+            keys.SITE: ConfigRecord({keys.SITE_ID: site.id, keys.DP_ENABLED: site.dp_enabled}),
+        })
+        if out.privacy is not None and out.epsilon is not None:
+            p = out.privacy
+            content["privacy"] = ConfigRecord({
+                keys.EPSILON: float(out.epsilon),
+                keys.DELTA: float(p["delta"]),
+                keys.NOISE_MULTIPLIER: float(p["noise_multiplier"]),
+                keys.MAX_GRAD_NORM: float(p["max_grad_norm"]),
+                keys.SAMPLE_RATE: float(p["sample_rate"]),
+                keys.STEPS: int(out.steps),
+                keys.ACCOUNTANT: str(p["accountant"]),
+            })
         return Message(content=content, reply_to=msg)
 
     return app

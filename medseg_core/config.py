@@ -39,6 +39,7 @@ __all__ = [
     "Attack",
     "ModelConfig",
     "PathSiteSpec",
+    "PersonalizeConfig",
     "PrivacyConfig",
     "ScenarioConfig",
     "ShiftSpec",
@@ -278,6 +279,25 @@ class WeakConfig(_Strict):
         return v
 
 
+class PersonalizeConfig(_Strict):
+    """Post-federation personalisation of each site's private adaptation layers.
+
+    During the rounds a site's private layers (``model.adaptation``) are
+    trained against its own drifting copy of the shared weights, then paired
+    with the *aggregated* shared weights at evaluation: a mismatch. After the
+    last round each site fine-tunes only its private layers against the
+    selected global model on its own training data (shared weights frozen,
+    Adam), keeps the epoch with the best local validation Dice (epoch 0, no
+    change, included) and stores them; nothing is sent but metrics. Under DP
+    the epochs are DP-SGD through the site's accountant and their budget is
+    reserved from the first round (the rounds' noise is calibrated for the
+    rounds plus these epochs), so the site's cap holds.
+    """
+
+    epochs: int = Field(default=0, ge=0)  # 0: off
+    lr: float = Field(default=1e-3, gt=0.0)
+
+
 class TrainConfig(_Strict):
     """Local optimisation settings sent with every round."""
 
@@ -287,6 +307,7 @@ class TrainConfig(_Strict):
     optimizer: Literal["adam", "sgd"] = "adam"
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)  # SGD only
     weak: WeakConfig = WeakConfig()
+    personalize: PersonalizeConfig = PersonalizeConfig()
 
 
 class StrategyConfig(_Strict):
@@ -431,6 +452,17 @@ class ScenarioConfig(_Strict):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"site ids must be unique; duplicated: {dup}")
+        return self
+
+    @model_validator(mode="after")
+    def _personalize_needs_private_layers(self) -> ScenarioConfig:
+        n = self.train.personalize.epochs
+        if n and self.model.adaptation == AdaptationMode.NONE:
+            raise ValueError(
+                f"train.personalize.epochs is {n} but model.adaptation is 'none': there are no "
+                "site-private layers to personalise. Fix: set model.adaptation to 'norm', "
+                "'adapter' or 'norm+adapter', or train.personalize.epochs: 0"
+            )
         return self
 
 

@@ -28,6 +28,8 @@ MIN_COMPONENT_VOXELS = "min-component-voxels"
 BAG_GATE = "bag-gate"  # evaluation: segment only the bags the MIL head calls positive
 EVAL_REFINE = "eval-refine"  # evaluation: post-processing of predictions ("none" or "pamr")
 MIL_AUC = "mil-auc"  # bag sites: AUC of the MIL head's bag-level prediction
+PERSONALIZE_EPOCHS = "personalize-epochs"  # train: epochs whose DP budget to reserve; personalize: to run
+PERSONALIZED = "personalized"  # evaluate: with the site's personalised private layers
 
 # MetricRecord keys sent by clients
 NUM_EXAMPLES = "num-examples"
@@ -42,6 +44,8 @@ SAMPLE_RATE = "sample-rate"
 STEPS = "steps"
 N_TRAIN = "n-train"
 TRAIN_SECONDS = "train-seconds"
+DICE_BEFORE = "dice-before"  # personalize reply: local val Dice before personalisation ("dice": after)
+EPOCHS_KEPT = "epochs-kept"  # personalize reply: the epoch kept (0: the federated layers)
 # set by the server on accepted train replies: num-examples x the site's
 # supervision weight (strategy.regime_weights); what aggregation weighs by
 AGG_WEIGHT = "agg-weight"

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from medseg_core import keys
@@ -66,6 +66,13 @@ class SiteResult:
     mil_auc: float | None = None  # bag sites: the MIL head's bag-level prediction
     dice_empty_baseline: float | None = None
     dice_se: float | None = None
+    # train.personalize: ``dice`` is with the site's personalised private
+    # layers when ``personalized``; ``dice_global`` is the same global model
+    # with the private layers as federated; ``personalization`` is the site's
+    # report (local val Dice before/after, epoch kept) or {"error": why}
+    personalized: bool = False
+    dice_global: float | None = None
+    personalization: dict[str, Any] | None = None
 
 
 @dataclass
@@ -110,6 +117,7 @@ def _train_config(scenario: ScenarioConfig, run_id: str) -> dict[str, Any]:
         "data": scenario.data.model_dump_json(),
         "weak": scenario.train.weak.model_dump_json(),
         keys.RUN_NAME: run_id,
+        keys.PERSONALIZE_EPOCHS: t.personalize.epochs,
     }
 
 
@@ -310,6 +318,15 @@ def run_federation(
                 best_round, scenario.evaluation.select)
     _evaluate(grid, strategy, scenario, run_id, scenario.rounds, best_round, best_arrays, "test",
               store, node_sites, outcome, timeout)
+    if scenario.train.personalize.epochs:
+        federated = {site: r.dice for site, r in outcome.sites.items()}
+        reports = _personalize(grid, scenario, run_id, best_round, best_arrays, store, node_sites,
+                               timeout)
+        _evaluate(grid, strategy, scenario, run_id, scenario.rounds, best_round, best_arrays,
+                  "test", store, node_sites, outcome, timeout, personalized=True)
+        for site, r in outcome.sites.items():
+            r.dice_global = federated.get(site)
+            r.personalization = reports.get(site, {"error": "no personalisation reply"})
     for site, eps in store.max_epsilon(run_id).items():
         outcome.sites.setdefault(site, SiteResult()).epsilon = eps
     dices = [s.dice for s in outcome.sites.values() if s.dice is not None]
@@ -406,9 +423,12 @@ def _evaluate(
     node_sites: dict[int, str],
     outcome: FederationOutcome,
     timeout: float,
+    *,
+    personalized: bool = False,
 ) -> float | None:
     """Evaluate the global model of ``model_round`` on every site's ``split``
-    (each site merges in its private adaptation layers of that round);
+    (each site merges in its private adaptation layers of that round, or
+    with ``personalized`` its personalised ones where it has them);
     returns the weighted Dice."""
     cfg = ConfigRecord({
         keys.EVAL_SPLIT: split,
@@ -417,6 +437,7 @@ def _evaluate(
         keys.MIN_COMPONENT_VOXELS: scenario.evaluation.min_component_voxels,
         keys.BAG_GATE: scenario.evaluation.bag_gate,
         keys.EVAL_REFINE: scenario.evaluation.refine,
+        keys.PERSONALIZED: personalized,
         "model": scenario.model.model_dump_json(),
         "data": scenario.data.model_dump_json(),
         "weak": scenario.train.weak.model_dump_json(),
@@ -443,7 +464,8 @@ def _evaluate(
         empty = float(s.get(keys.EMPTY_DICE, math.nan))
         se = float(s.get(keys.DICE_SE, math.nan))
         # n == 0: the site has no masks on this split (image-level labels only)
-        store.add_site_metrics(run_id, rnd, site, phase="evaluate", split=split,
+        store.add_site_metrics(run_id, rnd, site, phase="evaluate",
+                               split=f"{split}+personalized" if personalized else split,
                                num_examples=n, dice=dice if n else None,
                                hd95=hd if math.isfinite(hd) else None)
         num, den = num + dice * n, den + n
@@ -455,5 +477,68 @@ def _evaluate(
                 mil_auc=mil_auc if math.isfinite(mil_auc) else None,
                 dice_empty_baseline=empty if math.isfinite(empty) else None,
                 dice_se=se if n and math.isfinite(se) else None,
+                personalized=bool(s.get(keys.PERSONALIZED, False)),
             )
     return num / den if den else None
+
+
+def _personalize(
+    grid: Grid,
+    scenario: ScenarioConfig,
+    run_id: str,
+    model_round: int,
+    arrays: ArrayRecord,
+    store: RunStore,
+    node_sites: dict[int, str],
+    timeout: float,
+) -> dict[str, dict[str, Any]]:
+    """Ask every site to personalise its private layers against the selected
+    global model (``train.personalize``); returns each site's report.
+
+    Replies carry metrics (and the DP spend) only. A site's DP spend is
+    recorded in the ledger as round ``rounds + 1``, so the run's epsilon
+    (a max over sites) includes it."""
+    p = scenario.train.personalize
+    cfg = ConfigRecord({
+        keys.MODEL_ROUND: model_round,
+        keys.RUN_NAME: run_id,
+        keys.PERSONALIZE_EPOCHS: p.epochs,
+        keys.LEARNING_RATE: p.lr,
+        "batch-size": scenario.train.batch_size,
+        keys.MIN_COMPONENT_VOXELS: scenario.evaluation.min_component_voxels,
+        keys.EVAL_REFINE: scenario.evaluation.refine,
+        "model": scenario.model.model_dump_json(),
+        "data": scenario.data.model_dump_json(),
+        "weak": scenario.train.weak.model_dump_json(),
+    })
+    content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: cfg})
+    msgs = [Message(content=content, message_type="train.personalize", dst_node_id=node)
+            for node in grid.get_node_ids()]
+    logger.info("personalising the private layers of %d site(s) on the round-%d model "
+                "(%d epoch(s))", len(msgs), model_round, p.epochs)
+    reports: dict[str, dict[str, Any]] = {}
+    for node, reply in in_site_order(_send(grid, msgs, timeout), node_sites):
+        site = _site_of(reply, node_sites, node)
+        if reply.has_error():
+            reason = reply.error.reason or f"error code {reply.error.code}"
+            logger.warning("site %s: personalisation refused or failed: %s", site, reason)
+            store.add_rejection(run_id, scenario.rounds + 1, site, node_id=node,
+                                kind="personalize-error", reason=reason)
+            reports[site] = {"error": reason}
+            continue
+        m = reply.content.metric_records[keys.METRICS]
+        reports[site] = {"val_dice_before": float(m[keys.DICE_BEFORE]),
+                         "val_dice_after": float(m[keys.DICE]),
+                         "epochs_kept": int(m[keys.EPOCHS_KEPT])}
+        priv = reply.content.config_records.get("privacy")
+        if priv is not None:
+            reports[site]["epsilon"] = float(priv[keys.EPSILON])
+            store.add_ledger(run_id, LedgerRow(
+                site_id=site, round=scenario.rounds + 1,
+                noise_multiplier=float(priv[keys.NOISE_MULTIPLIER]),
+                max_grad_norm=float(priv[keys.MAX_GRAD_NORM]),
+                sample_rate=float(priv[keys.SAMPLE_RATE]),
+                steps=int(priv[keys.STEPS]), epsilon=float(priv[keys.EPSILON]),
+                delta=float(priv[keys.DELTA]), accountant=str(priv[keys.ACCOUNTANT]),
+            ))
+    return reports

@@ -146,7 +146,10 @@ def run_simulate(scenario: ScenarioConfig, opts: SimulationOptions) -> dict[str,
                       **({"bag_auc": r["bag_auc"]} if r.get("bag_auc") is not None else {}),
                       **({"mil_auc": r["mil_auc"]} if r.get("mil_auc") is not None else {}),
                       "dice_empty_baseline": r.get("dice_empty_baseline"),
-                      "dice_se": r.get("dice_se")}
+                      "dice_se": r.get("dice_se"),
+                      **({"dice_global": r.get("dice_global"), "personalized": r["personalized"],
+                          "personalization": r["personalization"]}
+                         if r.get("personalization") is not None else {})}
                 for sid, r in fed["sites"].items()
             },
             "rejected_updates": fed["rejected"],
@@ -253,6 +256,18 @@ def format_table(summary: dict[str, Any]) -> str:
             dec = fed.get("bag_auc")
             lines.append(f"{sid}: bag-level AUC of the MIL head {fed['mil_auc']:.3f} (the "
                          f"decoder's maximum: {'-' if dec is None else f'{dec:.3f}'})")
+    for sid in summary["sites"]:
+        fed = summary["federated"]["per_site"].get(sid, {})
+        rep = fed.get("personalization")
+        if rep is None:
+            continue
+        if "error" in rep:
+            lines.append(f"{sid}: not personalised ({rep['error']}); its Dice is the federated one")
+            continue
+        g = fed.get("dice_global")
+        lines.append(f"{sid}: personalised private layers (epoch {rep['epochs_kept']} kept; local val "
+                     f"Dice {rep['val_dice_before']:.4f} -> {rep['val_dice_after']:.4f}); test Dice "
+                     f"with the layers as federated {'-' if g is None else f'{g:.4f}'}")
     cmp = summary.get("compare")
     if cmp:
         for sid, r in cmp["weak_over_full"].items():

@@ -72,6 +72,7 @@ def plan_round(
     sample_rate: float,
     steps_this_round: int,
     rounds_remaining: int,
+    reserve_steps: int = 0,
 ) -> RoundPrivacyPlan:
     """Plan this round's noise so the cap is spent evenly over the remaining rounds.
 
@@ -92,6 +93,10 @@ def plan_round(
         Optimizer steps this round (epochs x batches per epoch).
     rounds_remaining
         Rounds still planned for this site, this one included (>= 1).
+    reserve_steps
+        DP steps at the same sample rate planned after the rounds
+        (post-federation personalisation, ``train.personalize``): the noise
+        is calibrated so the rounds and these steps together fit the cap.
 
     Returns
     -------
@@ -122,7 +127,9 @@ def plan_round(
             f"(delta={delta:g}, accountant={mechanism}); no round can be trained. "
             f"Fix: {FIX_HINT}."
         )
-    total_steps = rounds_remaining * steps_this_round
+    if isinstance(reserve_steps, bool) or not isinstance(reserve_steps, int) or reserve_steps < 0:
+        raise ConfigError(f"reserve_steps must be an int >= 0, got {reserve_steps!r}")
+    total_steps = rounds_remaining * steps_this_round + reserve_steps
     try:
         sigma = calibrate_noise(
             acc,
@@ -135,7 +142,7 @@ def plan_round(
         raise PrivacyBudgetExceeded(
             f"privacy budget too small: epsilon spent {spent:.4f}, cap {epsilon_cap:.4f} "
             f"(delta={delta:g}, accountant={mechanism}); {rounds_remaining} round(s) x "
-            f"{steps_this_round} steps do not fit: {exc}. Fix: {FIX_HINT} "
+            f"{steps_this_round} steps (+ {reserve_steps} reserved) do not fit: {exc}. Fix: {FIX_HINT} "
             "(or plan fewer rounds, steps or a smaller sample rate)."
         ) from None
     after = projected_epsilon(

@@ -174,6 +174,7 @@ def fit(
     accountant: object | None = None,
     secure_mode: bool = False,
     weak: WeakSettings | None = None,
+    only: frozenset[str] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``train`` for ``settings.epochs`` epochs.
 
@@ -191,6 +192,10 @@ def fit(
     weak
         Joint mask + image-level training (:mod:`medseg_core.weak`); the
         model needs a CAM head. Slices without masks use their ``classes``.
+    only
+        Train only these parameters (state-dict names); the others are
+        frozen and exported unchanged (post-federation personalisation of
+        the private adaptation layers). None: every parameter the loss uses.
 
     Returns
     -------
@@ -201,6 +206,9 @@ def fit(
         raise ValueError("fit() needs labelled slices; this SliceSet has no masks")
     torch.manual_seed(settings.seed)
     _freeze_unused_heads(model, cam_used=weak is not None, mil_used=False)
+    if only is not None:
+        for name, p in model.named_parameters():
+            p.requires_grad_(p.requires_grad and name in only)
     anchor = (
         {k: v.detach().clone() for k, v in model.state_dict().items()}
         if settings.proximal_mu > 0

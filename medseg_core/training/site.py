@@ -34,7 +34,7 @@ from medseg_core.config import DataConfig, LabelRegime, ModelConfig, SiteConfig,
 from medseg_core.data.integrity import require_valid_site
 from medseg_core.data.slices import SliceSet, load_slices, split_cases
 from medseg_core.metrics import SegMetrics
-from medseg_core.errors import DataIntegrityError, PrivacyBudgetExceeded
+from medseg_core.errors import ConfigError, DataIntegrityError, PrivacyBudgetExceeded
 from medseg_core.weak import BagSet, WeakSettings, bags_from_slices, check_bags
 from medseg_core.privacy.accountant import (
     epsilon_of,
@@ -57,7 +57,7 @@ from medseg_core.training.session import (
     steps_per_epoch,
 )
 
-__all__ = ["RoundOutcome", "RoundRequest", "SiteEval", "SiteSession"]
+__all__ = ["PersonalizeOutcome", "RoundOutcome", "RoundRequest", "SiteEval", "SiteSession"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,9 @@ class RoundRequest:
     run_name: str = ""
     min_component_voxels: int = 0
     refine: str = "none"  # post-processing of the validation predictions (evaluation.refine)
+    # epochs of post-federation personalisation whose DP budget the rounds
+    # leave free (train.personalize.epochs; 0: none)
+    reserve_epochs: int = 0
 
 
 def _outcome_from_cache(shared: dict[str, np.ndarray], stats: dict) -> RoundOutcome:
@@ -91,6 +94,19 @@ def _outcome_from_cache(shared: dict[str, np.ndarray], stats: dict) -> RoundOutc
         privacy=None if stats.get("privacy") is None else RoundPrivacyPlan(**stats["privacy"]),
         epsilon=None if stats.get("epsilon") is None else float(stats["epsilon"]),
     )
+
+
+@dataclass(frozen=True)
+class PersonalizeOutcome:
+    """A site's post-federation personalisation (:meth:`SiteSession.personalize`)."""
+
+    val_dice_before: float  # local validation Dice of the global model + federated private layers
+    val_dice_after: float  # ... with the kept personalised private layers
+    epochs_kept: int  # 0: no epoch beat the federated ones, which are kept
+    epochs: int
+    steps: int
+    epsilon: float | None  # cumulative, after the personalisation (None without DP)
+    privacy: dict | None  # the RoundPrivacyPlan of the epochs, as a dict
 
 
 @dataclass(frozen=True)
@@ -310,6 +326,155 @@ class SiteSession:
         AdaptationStore(self.site.state_dir, run_name).save(model_round, res.private)
         return res
 
+    def _personal_store(self, run_name: str) -> AdaptationStore:
+        """Where the personalised private parameters of ``run_name`` live
+        (apart from the per-round ones, which stay as trained)."""
+        return AdaptationStore(self.site.state_dir, f"{run_name}#personalized")
+
+    def has_personalized(self, run_name: str, model_round: int) -> bool:
+        """Whether :meth:`personalize` stored layers for this run and round."""
+        return model_round in self._personal_store(run_name).rounds()
+
+    def personalize(
+        self, global_state: Mapping[str, np.ndarray], run_name: str, model_round: int, *,
+        epochs: int, lr: float, batch_size: int, min_component_voxels: int = 0,
+        refine: str = "none",
+    ) -> PersonalizeOutcome:
+        """Fine-tune only this site's private layers against the global model
+        of ``model_round`` (``train.personalize``; see
+        :class:`medseg_core.config.PersonalizeConfig`).
+
+        Each epoch trains the private parameters (shared ones frozen) on the
+        site's training data with the round's loss; the epoch with the best
+        local validation Dice is kept (epoch 0, the parameters as federated,
+        when none beats it) and stored for evaluation with
+        ``personalized=True``. Under DP the epochs are DP-SGD recorded in the
+        site's accountant at the noise that spends what is left of its
+        budget; the rounds reserved it (:meth:`plan`, ``reserve_epochs``).
+
+        Raises
+        ------
+        ConfigError
+            No private parameters (``model.adaptation: none``), or no local
+            validation split to pick the epoch with.
+        PrivacyBudgetExceeded
+            The remaining budget cannot fit the epochs; nothing is trained.
+        """
+        if not self.local_keys:
+            raise ConfigError(
+                f"site {self.site.id!r}: personalisation trains the site-private layers, and "
+                "model.adaptation is 'none'. Fix: set model.adaptation, or train.personalize.epochs: 0"
+            )
+        if self.val_set is None:
+            raise ConfigError(
+                f"site {self.site.id!r}: personalisation keeps the epoch with the best local "
+                "validation Dice, and this site has no validation cases with masks (a bag or "
+                "image-level site, or val_fraction 0). Fix: give the site masked cases and "
+                "val_fraction > 0, or train.personalize.epochs: 0"
+            )
+        store = self._personal_store(run_name)
+        done = self.site.state_dir / "personalized.json"
+        if done.is_file():
+            prev = json.loads(done.read_text(encoding="utf-8"))
+            if prev.get("run") == run_name and prev.get("model_round") == model_round:
+                # WARNING: privacy invariant. A repeated request (server resumed)
+                # is answered from the record; training again would spend twice.
+                return PersonalizeOutcome(**prev["outcome"])
+        torch.set_num_threads(self.site.torch_threads)
+        model = build_segmenter(self.model_cfg, self.data_cfg)
+        state = self.full_state(global_state, run_name, model_round)
+        load_state(model, state)
+
+        def val_dice(st: Mapping[str, np.ndarray]) -> float:
+            return evaluate_state(build_segmenter(self.model_cfg, self.data_cfg), st, self.val_set,
+                                  num_classes=self.data_cfg.num_classes,
+                                  min_component_voxels=min_component_voxels, refine=refine).dice
+
+        before = val_dice(state)
+        best, best_epoch, best_private = before, 0, split_state(state, self.local_keys)[1]
+        accountant = self.load_accountant() if self.site.dp_enabled else None
+        plan = None if accountant is None else self._personalization_plan(
+            run_name, batch_size, epochs, accountant)
+        weak = self.weak_settings.for_round(model_round) if self.weak else None
+        steps = 0
+        for epoch in range(1, epochs + 1):
+            settings = FitSettings(epochs=1, lr=lr, batch_size=batch_size, optimizer="adam",
+                                   seed=self._round_seed(model_round) + 7919 * epoch,
+                                   intensity=self.data_cfg.intensity_augment)
+            res = fit(model, self.train_set, settings, num_classes=self.data_cfg.num_classes,
+                      privacy=plan, accountant=accountant, secure_mode=self.site.secure_mode,
+                      weak=weak, only=self.local_keys)
+            steps += res.steps
+            if accountant is not None:
+                save_accountant(accountant, self.accountant_path)
+            model = build_segmenter(self.model_cfg, self.data_cfg)  # no Opacus hooks
+            load_state(model, res.state)
+            dice = val_dice(res.state)
+            logger.info("site %s personalisation epoch %d/%d: val Dice %.4f (federated %.4f)",
+                        self.site.id, epoch, epochs, dice, before)
+            if dice > best:
+                best, best_epoch = dice, epoch
+                best_private = split_state(res.state, self.local_keys)[1]
+        epsilon = None
+        if accountant is not None and plan is not None:
+            epsilon = epsilon_of(accountant, self.site.delta)
+            req = RoundRequest(server_round=model_round, total_rounds=model_round, local_epochs=epochs,
+                               lr=lr, batch_size=batch_size, run_name=run_name)
+            self._append_ledger(req, plan, epsilon, steps, phase="personalize")
+        store.save(model_round, best_private)
+        out = PersonalizeOutcome(val_dice_before=before, val_dice_after=best, epochs_kept=best_epoch,
+                                 epochs=epochs, steps=steps, epsilon=epsilon,
+                                 privacy=None if plan is None else asdict(plan))
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"run": run_name, "model_round": model_round,
+                                   "outcome": asdict(out)}), encoding="utf-8")
+        os.replace(tmp, done)
+        return out
+
+    def _personalization_plan(self, run_name: str, batch_size: int, epochs: int,
+                              accountant: object) -> RoundPrivacyPlan:
+        """The DP plan of ``epochs`` personalisation epochs: at the noise of
+        the run's rounds, which reserved their budget (:meth:`plan`).
+
+        Raises
+        ------
+        PrivacyBudgetExceeded
+            The rounds reserved fewer steps than asked for, or the epochs would
+            take the site past its cap.
+        """
+        spe = self._steps_per_epoch(batch_size)
+        q, steps = 1.0 / spe, spe * epochs
+        path = self.site.state_dir / "privacy_plan.json"
+        stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if stored is None or stored.get("run") != run_name:
+            # the site trained no round of this run: the whole budget is free
+            return plan_round(accountant, epsilon_cap=self.site.epsilon, delta=self.site.delta,
+                              max_grad_norm=self.site.max_grad_norm, sample_rate=q,
+                              steps_this_round=steps, rounds_remaining=1)
+        reserved = int(stored.get("reserve_steps", 0))
+        if reserved < steps or stored.get("sample_rate") != q:
+            raise PrivacyBudgetExceeded(
+                f"site {self.site.id!r}: personalisation asks for {steps} DP steps at sample rate "
+                f"{q:.4g}, but the rounds of run {run_name!r} reserved {reserved} at "
+                f"{stored.get('sample_rate')}; nothing is trained. Fix: set "
+                "train.personalize.epochs (and batch_size) before the run starts"
+            )
+        sigma = float(stored["noise_multiplier"])
+        before = epsilon_of(accountant, self.site.delta)
+        after = projected_epsilon(accountant, noise_multiplier=sigma, sample_rate=q, steps=steps,
+                                  delta=self.site.delta)
+        if after > self.site.epsilon * (1 + 1e-6):
+            raise PrivacyBudgetExceeded(
+                f"site {self.site.id!r}: personalisation would take epsilon from {before:.4f} to "
+                f"{after:.4f}, past the site's cap {self.site.epsilon:g} (delta="
+                f"{self.site.delta:g}); nothing is trained. Fix: {FIX_HINT}."
+            )
+        return RoundPrivacyPlan(
+            noise_multiplier=sigma, max_grad_norm=self.site.max_grad_norm, sample_rate=q,
+            steps=steps, epsilon_before=before, epsilon_after=after, delta=self.site.delta,
+            accountant=self.site.accountant,
+        )
+
     def export_shared(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The part of ``state`` that may be sent; raises AdaptationLeakError
         if a private key would remain (nothing is sent then)."""
@@ -343,14 +508,16 @@ class SiteSession:
 
         The noise multiplier is calibrated once per run (at the site's first
         round of that run) so the planned rounds spend the remaining budget
-        evenly, then kept fixed: a later round that would take the site past
+        evenly (less the share of ``req.reserve_epochs`` personalisation
+        epochs at the same sample rate), then kept fixed: a later round that would take the site past
         its cap is refused rather than trained with ever larger noise.
         """
         spe = self._steps_per_epoch(req.batch_size)
         q, steps = 1.0 / spe, spe * req.local_epochs
         path = self.site.state_dir / "privacy_plan.json"
         stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        key = {"run": req.run_name, "sample_rate": q, "steps": steps}
+        key = {"run": req.run_name, "sample_rate": q, "steps": steps,
+               "reserve_steps": spe * req.reserve_epochs}
         if stored is not None and all(stored.get(k) == v for k, v in key.items()):
             sigma = float(stored["noise_multiplier"])
             before = epsilon_of(accountant, self.site.delta)
@@ -377,6 +544,7 @@ class SiteSession:
             sample_rate=q,
             steps_this_round=steps,
             rounds_remaining=max(1, req.total_rounds - req.server_round + 1),
+            reserve_steps=spe * req.reserve_epochs,
         )
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({**key, "noise_multiplier": plan.noise_multiplier}), encoding="utf-8")
@@ -478,6 +646,7 @@ class SiteSession:
     def evaluate(
         self, state: Mapping[str, np.ndarray], split: str, *, min_component_voxels: int = 0,
         run_name: str = "", model_round: int = 0, bag_gate: bool = False, refine: str = "none",
+        personalized: bool = False,
     ) -> SiteEval:
         """Metrics of the global ``state`` (of round ``model_round``) on the
         site's ``"val"`` or ``"test"`` split, with the site's private
@@ -489,10 +658,26 @@ class SiteSession:
         AUC of the MIL head's bag-level prediction, and with ``bag_gate`` a
         bag the MIL head calls negative is segmented as all background
         (``evaluation.bag_gate``; other sites ignore it). ``refine``: see
-        ``evaluation.refine``.
+        ``evaluation.refine``. ``personalized``: with the private layers
+        :meth:`personalize` kept for ``model_round``.
+
+        Raises
+        ------
+        ConfigError
+            ``personalized`` but the site holds no personalised layers for
+            this run and round.
         """
         model = build_segmenter(self.model_cfg, self.data_cfg)
-        load_state(model, self.full_state(state, run_name, model_round))
+        if personalized:
+            if not self.has_personalized(run_name, model_round):
+                raise ConfigError(
+                    f"site {self.site.id!r} holds no personalised layers for run {run_name!r}, "
+                    f"round {model_round}: personalisation did not run or failed there. Fix: see "
+                    "the site's log for why; the federated model is scored without them"
+                )
+            load_state(model, merge_state(state, self._personal_store(run_name).load_at(model_round)))
+        else:
+            load_state(model, self.full_state(state, run_name, model_round))
         bags = self.is_bag_site
         return evaluate_split(model, self.split_set(split), num_classes=self.data_cfg.num_classes,
                               min_component_voxels=min_component_voxels,
@@ -500,9 +685,11 @@ class SiteSession:
                               refine=refine)
 
     def _append_ledger(
-        self, req: RoundRequest, plan: RoundPrivacyPlan, epsilon: float, steps: int
+        self, req: RoundRequest, plan: RoundPrivacyPlan, epsilon: float, steps: int,
+        phase: str = "train",
     ) -> None:
-        row = {"round": req.server_round, **asdict(plan), "steps_taken": steps, "epsilon": epsilon}
+        row = {"round": req.server_round, "phase": phase, **asdict(plan), "steps_taken": steps,
+               "epsilon": epsilon}
         path = self.site.state_dir / "ledger.jsonl"
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")

@@ -11,7 +11,13 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from client.app import build_client_app, record_to_state, state_to_record
 from medseg_core import keys
 from medseg_core.adaptation import AdaptationStore, local_keys
-from medseg_core.config import AdaptationMode, ScenarioConfig, SyntheticSiteSpec, load_site_config
+from medseg_core.config import (
+    AdaptationMode,
+    PersonalizeConfig,
+    ScenarioConfig,
+    SyntheticSiteSpec,
+    load_site_config,
+)
 from medseg_core.sites import materialise_site
 from medseg_core.training.session import build_segmenter
 from server.federation import _train_config, initial_state
@@ -20,7 +26,9 @@ from server.federation import _train_config, initial_state
 @pytest.fixture
 def adapted(tmp_path: Path, tiny_scenario: ScenarioConfig) -> tuple[ScenarioConfig, Path]:
     model = tiny_scenario.model.model_copy(update={"adaptation": AdaptationMode.NORM_ADAPTER})
-    scenario = tiny_scenario.model_copy(update={"model": model})
+    train = tiny_scenario.train.model_copy(
+        update={"personalize": PersonalizeConfig(epochs=1)})  # the rounds reserve its budget
+    scenario = tiny_scenario.model_copy(update={"model": model, "train": train})
     spec = scenario.sites[0]
     assert isinstance(spec, SyntheticSiteSpec)
     materialise_site(spec, scenario, tmp_path)
@@ -30,6 +38,10 @@ def adapted(tmp_path: Path, tiny_scenario: ScenarioConfig) -> tuple[ScenarioConf
 def _msg(scenario: ScenarioConfig, rnd: int, state: dict, kind: str) -> Message:
     if kind == MessageType.TRAIN:
         cfg = _train_config(scenario, "run-x")
+    elif kind == "train.personalize":
+        cfg = {keys.RUN_NAME: "run-x", keys.MODEL_ROUND: rnd, keys.PERSONALIZE_EPOCHS: 1,
+               keys.LEARNING_RATE: 1e-2, "batch-size": 4,
+               "model": scenario.model.model_dump_json(), "data": scenario.data.model_dump_json()}
     else:
         cfg = {keys.EVAL_SPLIT: "test", keys.RUN_NAME: "run-x", keys.MODEL_ROUND: rnd,
                "model": scenario.model.model_dump_json(), "data": scenario.data.model_dump_json()}
@@ -64,6 +76,17 @@ def test_no_message_a_site_sends_holds_an_adaptation_key(adapted) -> None:
         sent.append(reply)
         state = record_to_state(reply.content.array_records[keys.ARRAYS])
         sent.append(app(_msg(scenario, rnd, state, MessageType.EVALUATE), _ctx(site_yaml)))
+    # post-federation personalisation: metrics only, not even shared weights
+    reply = app(_msg(scenario, 2, state, "train.personalize"), _ctx(site_yaml))
+    assert not reply.has_error(), reply.error
+    assert not reply.content.array_records
+    m = reply.content.metric_records[keys.METRICS]
+    assert 0.0 <= m[keys.DICE_BEFORE] <= m[keys.DICE] <= 1.0 and m[keys.STEPS] > 0
+    sent.append(reply)
+    ev = _msg(scenario, 2, state, MessageType.EVALUATE)
+    ev.content.config_records[keys.CONFIG][keys.PERSONALIZED] = True
+    sent.append(app(ev, _ctx(site_yaml)))
+    assert sent[-1].content.config_records[keys.SITE][keys.PERSONALIZED] is True
     for reply in sent:
         assert not _sent_keys(reply) & local
         for rec in reply.content.config_records.values():

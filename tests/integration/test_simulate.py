@@ -32,7 +32,7 @@ sites:
   - {id: site-b, dims: 3, depth: 4, n_train: 3, n_test: 1, shift: {intensity_scale: 1.4, noise_std: 0.05}}
 model: {channels: [8, 16], strides: [2], norm_groups: 4, adaptation: norm+adapter}
 data: {image_size: 32, val_fraction: 0.25}
-train: {local_epochs: 1, batch_size: 4, lr: 0.005}
+train: {local_epochs: 1, batch_size: 4, lr: 0.005, personalize: {epochs: 2}}
 privacy: {enabled: true, epsilon: 6.0, delta: 1.0e-5}
 """
 
@@ -69,6 +69,14 @@ def test_summary_has_required_keys(run: dict) -> None:
     assert 0.0 <= per_site["site-a"]["dice_se"] <= 0.6
     assert per_site["site-b"]["dice_se"] is None
     assert "site-a" in run["stdout"] and "epsilon" in run["stdout"]  # the per-site table
+    # train.personalize: each site fine-tuned its private layers after the rounds
+    for sid, v in per_site.items():
+        rep = v["personalization"]
+        assert v["personalized"] is True, rep
+        assert 0.0 <= rep["val_dice_before"] <= rep["val_dice_after"] <= 1.0
+        assert rep["epochs_kept"] in (0, 1, 2)
+        assert 0.0 <= v["dice_global"] <= 1.0
+        assert f"{sid}: personalised private layers" in run["stdout"]
 
 
 def test_epsilon_grows_monotonically_and_run_level_is_max(run: dict) -> None:
@@ -76,8 +84,8 @@ def test_epsilon_grows_monotonically_and_run_level_is_max(run: dict) -> None:
         run_id = run["summary"]["federated"]["run_id"]
         for site in ("site-a", "site-b"):
             eps = [r.epsilon for r in store.ledger(run_id, site)]
-            assert len(eps) == 2
-            assert eps[0] < eps[1] <= 6.0 + 1e-6
+            assert [r.round for r in store.ledger(run_id, site)] == [1, 2, 3]  # 3: personalisation
+            assert eps[0] < eps[1] < eps[2] <= 6.0 + 1e-6
         assert store.max_epsilon(run_id) == {
             s: max(r.epsilon for r in store.ledger(run_id, s)) for s in ("site-a", "site-b")}
         for site, v in run["summary"]["federated"]["per_site"].items():
@@ -93,8 +101,9 @@ def test_run_store_holds_every_round(run: dict) -> None:
         assert store.run(run_id)["status"] == "completed"
         train_rows = store.site_metrics(run_id, phase="train")
         assert len(train_rows) == 4
-        test_rows = [r for r in store.site_metrics(run_id, phase="evaluate") if r["split"] == "test"]
-        assert {r["site_id"] for r in test_rows} == {"site-a", "site-b"}
+        evals = store.site_metrics(run_id, phase="evaluate")
+        for split in ("test", "test+personalized"):
+            assert {r["site_id"] for r in evals if r["split"] == split} == {"site-a", "site-b"}
 
 
 def test_final_checkpoint_reloads_into_the_model(run: dict) -> None:
@@ -110,8 +119,12 @@ def test_final_checkpoint_reloads_into_the_model(run: dict) -> None:
     assert ck.meta["config"]["rounds"] == 2
     selected = run["summary"]["federated"]["selected_round"]
     best = load_checkpoint(run["out"] / "server" / "checkpoints" / f"round_{selected:04d}")
+    site_a = run["summary"]["federated"]["per_site"]["site-a"]
     reloaded = sess.evaluate(best.arrays, "test", run_name=run_id, model_round=selected).dice
-    assert reloaded == pytest.approx(run["summary"]["federated"]["per_site"]["site-a"]["dice"], abs=1e-6)
+    assert reloaded == pytest.approx(site_a["dice_global"], abs=1e-6)
+    personal = sess.evaluate(best.arrays, "test", run_name=run_id, model_round=selected,
+                             personalized=True).dice
+    assert personal == pytest.approx(site_a["dice"], abs=1e-6)
 
 
 def test_adaptation_layers_stay_on_the_sites(run: dict) -> None:
@@ -129,6 +142,8 @@ def test_adaptation_layers_stay_on_the_sites(run: dict) -> None:
         store = AdaptationStore(sess.site.state_dir, run_id)
         assert store.rounds() == [1, 2]
         privates.append(store.load_at(2))
+        selected = run["summary"]["federated"]["selected_round"]
+        assert sess.has_personalized(run_id, selected)
     # each site's layers are its own (trained on its own data, never averaged)
     k = "adapter.conv2.weight"
     assert not (privates[0][k] == privates[1][k]).all()
@@ -144,12 +159,13 @@ def test_accountant_survives_client_restart(run: dict) -> None:
     with RunStore(run["out"] / "server" / "runstore.sqlite") as store:
         last = store.ledger(run["summary"]["federated"]["run_id"], "site-a")[-1].epsilon
     assert sess.epsilon_spent() == pytest.approx(last, rel=1e-9)
-    # The run planned its noise to spend the cap over its 2 rounds, so the
-    # restarted site must refuse any further round rather than start from 0.
+    # The run planned its noise to spend the cap over its 2 rounds and the
+    # personalisation, so the restarted site must refuse any further round
+    # rather than start from 0.
     ck = load_checkpoint(latest_checkpoint(run["out"] / "server" / "checkpoints"))
     before = sess.accountant_path.read_bytes()
     with pytest.raises(PrivacyBudgetExceeded, match=r"cap 6"):
         sess.train_round(ck.arrays, RoundRequest(
             server_round=3, total_rounds=3, local_epochs=1, lr=0.005, batch_size=4,
-            run_name=run["summary"]["federated"]["run_id"]))
+            run_name=run["summary"]["federated"]["run_id"], reserve_epochs=2))
     assert sess.accountant_path.read_bytes() == before

@@ -92,3 +92,25 @@ def test_plan_round_validates_arguments(kwargs: dict, match: str) -> None:
     }
     with pytest.raises(ConfigError, match=match):
         plan_round(new_accountant("rdp"), **args)
+
+
+def test_reserved_steps_leave_their_share_of_the_cap() -> None:
+    """Rounds planned with ``reserve_steps`` (post-federation personalisation)
+    take more noise, and the reserved steps then fit at the same noise."""
+    plain = _plan(new_accountant("rdp"))
+    acc = new_accountant("rdp")
+    reserved = plan_round(acc, epsilon_cap=4.0, delta=DELTA, max_grad_norm=1.0, sample_rate=Q,
+                          steps_this_round=STEPS, rounds_remaining=3, reserve_steps=STEPS)
+    assert reserved.noise_multiplier > plain.noise_multiplier
+    for _ in range(3):
+        _run(acc, reserved)
+    assert epsilon_of(acc, DELTA) < 4.0 - 0.1  # the reserve is still free
+    last = plan_round(acc, epsilon_cap=4.0, delta=DELTA, max_grad_norm=1.0, sample_rate=Q,
+                      steps_this_round=STEPS, rounds_remaining=1)
+    assert last.noise_multiplier == pytest.approx(reserved.noise_multiplier, rel=0.05)
+
+
+def test_reserve_steps_must_be_a_non_negative_int() -> None:
+    with pytest.raises(ConfigError, match="reserve_steps must be an int >= 0, got -1"):
+        plan_round(new_accountant("rdp"), epsilon_cap=4.0, delta=DELTA, max_grad_norm=1.0,
+                   sample_rate=Q, steps_this_round=STEPS, rounds_remaining=3, reserve_steps=-1)
