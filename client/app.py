@@ -77,6 +77,25 @@ def _error_reply(msg: Message, code: int, exc: Exception) -> Message:
     return Message(Error(code=code, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
 
 
+#: Why a site refuses a message, as the error code the server records.
+_REFUSALS: tuple[tuple[type[Exception], int], ...] = (
+    (PrivacyBudgetExceeded, keys.ERR_BUDGET_EXHAUSTED),
+    (DataIntegrityError, keys.ERR_DATA_INTEGRITY),
+    (ConfigError, keys.ERR_SITE_CONFIG),
+    (AdaptationLeakError, keys.ERR_ADAPTATION_LEAK),
+)
+
+
+def _refusal(msg: Message, exc: Exception, action: str) -> Message:
+    """The error reply for ``exc``: a known refusal's code, else 4000 with the
+    traceback in the site's log (the server must learn why, not just that)."""
+    for kind, code in _REFUSALS:
+        if isinstance(exc, kind):
+            return _error_reply(msg, code, exc)
+    logger.exception("%s failed", action)
+    return _error_reply(msg, keys.ERR_CLIENT_FAILURE, exc)
+
+
 def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
     """Build the ClientApp.
 
@@ -118,17 +137,8 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 raise ConfigError(f"site {site.id!r} dropped out of round {req.server_round} "
                                   "(simulated: drop_rounds)")
             outcome = session.train_round(global_state, req)
-        except PrivacyBudgetExceeded as exc:
-            return _error_reply(msg, keys.ERR_BUDGET_EXHAUSTED, exc)
-        except DataIntegrityError as exc:
-            return _error_reply(msg, keys.ERR_DATA_INTEGRITY, exc)
-        except ConfigError as exc:
-            return _error_reply(msg, keys.ERR_SITE_CONFIG, exc)
-        except AdaptationLeakError as exc:
-            return _error_reply(msg, keys.ERR_ADAPTATION_LEAK, exc)
         except Exception as exc:  # noqa: BLE001 - the server must learn why, not just that
-            logger.exception("training failed")
-            return _error_reply(msg, keys.ERR_CLIENT_FAILURE, exc)
+            return _refusal(msg, exc, "training")
 
         metrics = MetricRecord({
             keys.NUM_EXAMPLES: outcome.n_train,
@@ -189,13 +199,8 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 refine=str(cfg.get(keys.EVAL_REFINE, "none")),
                 personalized=personalized,
             )
-        except DataIntegrityError as exc:
-            return _error_reply(msg, keys.ERR_DATA_INTEGRITY, exc)
-        except (ConfigError, AdaptationLeakError) as exc:
-            return _error_reply(msg, keys.ERR_SITE_CONFIG, exc)
         except Exception as exc:  # noqa: BLE001
-            logger.exception("evaluation failed")
-            return _error_reply(msg, keys.ERR_CLIENT_FAILURE, exc)
+            return _refusal(msg, exc, "evaluation")
         # A site without masks on this split reports num-examples 0: its Dice
         # carries no weight (the key set stays the same for every site).
         content = RecordDict({
@@ -238,15 +243,8 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 min_component_voxels=int(cfg.get(keys.MIN_COMPONENT_VOXELS, 0)),
                 refine=str(cfg.get(keys.EVAL_REFINE, "none")),
             )
-        except PrivacyBudgetExceeded as exc:
-            return _error_reply(msg, keys.ERR_BUDGET_EXHAUSTED, exc)
-        except DataIntegrityError as exc:
-            return _error_reply(msg, keys.ERR_DATA_INTEGRITY, exc)
-        except (ConfigError, AdaptationLeakError) as exc:
-            return _error_reply(msg, keys.ERR_SITE_CONFIG, exc)
         except Exception as exc:  # noqa: BLE001
-            logger.exception("personalisation failed")
-            return _error_reply(msg, keys.ERR_CLIENT_FAILURE, exc)
+            return _refusal(msg, exc, "personalisation")
         content = RecordDict({
             keys.METRICS: MetricRecord({
                 keys.DICE_BEFORE: float(out.val_dice_before),

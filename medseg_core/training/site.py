@@ -459,15 +459,21 @@ class SiteSession:
                 f"{stored.get('sample_rate')}; nothing is trained. Fix: set "
                 "train.personalize.epochs (and batch_size) before the run starts"
             )
-        sigma = float(stored["noise_multiplier"])
+        return self._fixed_noise_plan(accountant, float(stored["noise_multiplier"]), q, steps,
+                                      "personalisation")
+
+    def _fixed_noise_plan(self, accountant: object, sigma: float, q: float, steps: int,
+                          what: str) -> RoundPrivacyPlan:
+        """The plan of ``steps`` DP steps at the run's fixed noise ``sigma``;
+        raises PrivacyBudgetExceeded (nothing trained) if they would pass the cap."""
         before = epsilon_of(accountant, self.site.delta)
         after = projected_epsilon(accountant, noise_multiplier=sigma, sample_rate=q, steps=steps,
                                   delta=self.site.delta)
         if after > self.site.epsilon * (1 + 1e-6):
             raise PrivacyBudgetExceeded(
-                f"site {self.site.id!r}: personalisation would take epsilon from {before:.4f} to "
-                f"{after:.4f}, past the site's cap {self.site.epsilon:g} (delta="
-                f"{self.site.delta:g}); nothing is trained. Fix: {FIX_HINT}."
+                f"site {self.site.id!r}: {what} would take epsilon from {before:.4f} to "
+                f"{after:.4f}, past the site's cap {self.site.epsilon:g} "
+                f"(delta={self.site.delta:g}); the site does not train. Fix: {FIX_HINT}."
             )
         return RoundPrivacyPlan(
             noise_multiplier=sigma, max_grad_norm=self.site.max_grad_norm, sample_rate=q,
@@ -519,23 +525,8 @@ class SiteSession:
         key = {"run": req.run_name, "sample_rate": q, "steps": steps,
                "reserve_steps": spe * req.reserve_epochs}
         if stored is not None and all(stored.get(k) == v for k, v in key.items()):
-            sigma = float(stored["noise_multiplier"])
-            before = epsilon_of(accountant, self.site.delta)
-            after = projected_epsilon(
-                accountant, noise_multiplier=sigma, sample_rate=q, steps=steps,
-                delta=self.site.delta,
-            )
-            if after > self.site.epsilon * (1 + 1e-6):
-                raise PrivacyBudgetExceeded(
-                    f"site {self.site.id!r}: round {req.server_round} would take epsilon from "
-                    f"{before:.4f} to {after:.4f}, past the site's cap {self.site.epsilon:g} "
-                    f"(delta={self.site.delta:g}); the site does not train. Fix: {FIX_HINT}."
-                )
-            return RoundPrivacyPlan(
-                noise_multiplier=sigma, max_grad_norm=self.site.max_grad_norm, sample_rate=q,
-                steps=steps, epsilon_before=before, epsilon_after=after, delta=self.site.delta,
-                accountant=self.site.accountant,
-            )
+            return self._fixed_noise_plan(accountant, float(stored["noise_multiplier"]), q, steps,
+                                          f"round {req.server_round}")
         plan = plan_round(
             accountant,
             epsilon_cap=self.site.epsilon,
