@@ -44,6 +44,7 @@ from medseg_core.privacy.accountant import (
 )
 from medseg_core.privacy.budget import FIX_HINT, RoundPrivacyPlan, plan_round
 from medseg_core.training.evaluation import SiteEval, evaluate_split
+from medseg_core.training.personalize import PersonalizeOutcome, personal_store, personalize
 from medseg_core.training.replay import ReplyCache, state_digest
 from medseg_core.training.session import (
     FitResult,
@@ -94,19 +95,6 @@ def _outcome_from_cache(shared: dict[str, np.ndarray], stats: dict) -> RoundOutc
         privacy=None if stats.get("privacy") is None else RoundPrivacyPlan(**stats["privacy"]),
         epsilon=None if stats.get("epsilon") is None else float(stats["epsilon"]),
     )
-
-
-@dataclass(frozen=True)
-class PersonalizeOutcome:
-    """A site's post-federation personalisation (:meth:`SiteSession.personalize`)."""
-
-    val_dice_before: float  # local validation Dice of the global model + federated private layers
-    val_dice_after: float  # ... with the kept personalised private layers
-    epochs_kept: int  # 0: no epoch beat the federated ones, which are kept
-    epochs: int
-    steps: int
-    epsilon: float | None  # cumulative, after the personalisation (None without DP)
-    privacy: dict | None  # the RoundPrivacyPlan of the epochs, as a dict
 
 
 @dataclass(frozen=True)
@@ -322,18 +310,13 @@ class SiteSession:
         model = build_segmenter(self.model_cfg, self.data_cfg)
         load_state(model, self.full_state(global_state, run_name, model_round))
         res = adapt_unlabeled(model, self.unlabeled_images, self.local_keys, epochs=epochs, lr=lr,
-                              seed=self._round_seed(model_round))
+                              seed=self.round_seed(model_round))
         AdaptationStore(self.site.state_dir, run_name).save(model_round, res.private)
         return res
 
-    def _personal_store(self, run_name: str) -> AdaptationStore:
-        """Where the personalised private parameters of ``run_name`` live
-        (apart from the per-round ones, which stay as trained)."""
-        return AdaptationStore(self.site.state_dir, f"{run_name}#personalized")
-
     def has_personalized(self, run_name: str, model_round: int) -> bool:
         """Whether :meth:`personalize` stored layers for this run and round."""
-        return model_round in self._personal_store(run_name).rounds()
+        return model_round in personal_store(self.site.state_dir, run_name).rounds()
 
     def personalize(
         self, global_state: Mapping[str, np.ndarray], run_name: str, model_round: int, *,
@@ -341,128 +324,12 @@ class SiteSession:
         refine: str = "none",
     ) -> PersonalizeOutcome:
         """Fine-tune only this site's private layers against the global model
-        of ``model_round`` (``train.personalize``; see
-        :class:`medseg_core.config.PersonalizeConfig`).
+        of ``model_round`` (:func:`medseg_core.training.personalize.personalize`)."""
+        return personalize(self, global_state, run_name, model_round, epochs=epochs, lr=lr,
+                           batch_size=batch_size, min_component_voxels=min_component_voxels,
+                           refine=refine)
 
-        Each epoch trains the private parameters (shared ones frozen) on the
-        site's training data with the round's loss; the epoch with the best
-        local validation Dice is kept (epoch 0, the parameters as federated,
-        when none beats it) and stored for evaluation with
-        ``personalized=True``. Under DP the epochs are DP-SGD recorded in the
-        site's accountant at the noise that spends what is left of its
-        budget; the rounds reserved it (:meth:`plan`, ``reserve_epochs``).
-
-        Raises
-        ------
-        ConfigError
-            No private parameters (``model.adaptation: none``), or no local
-            validation split to pick the epoch with.
-        PrivacyBudgetExceeded
-            The remaining budget cannot fit the epochs; nothing is trained.
-        """
-        if not self.local_keys:
-            raise ConfigError(
-                f"site {self.site.id!r}: personalisation trains the site-private layers, and "
-                "model.adaptation is 'none'. Fix: set model.adaptation, or train.personalize.epochs: 0"
-            )
-        if self.val_set is None:
-            raise ConfigError(
-                f"site {self.site.id!r}: personalisation keeps the epoch with the best local "
-                "validation Dice, and this site has no validation cases with masks (a bag or "
-                "image-level site, or val_fraction 0). Fix: give the site masked cases and "
-                "val_fraction > 0, or train.personalize.epochs: 0"
-            )
-        store = self._personal_store(run_name)
-        done = self.site.state_dir / "personalized.json"
-        if done.is_file():
-            prev = json.loads(done.read_text(encoding="utf-8"))
-            if prev.get("run") == run_name and prev.get("model_round") == model_round:
-                # WARNING: privacy invariant. A repeated request (server resumed)
-                # is answered from the record; training again would spend twice.
-                return PersonalizeOutcome(**prev["outcome"])
-        torch.set_num_threads(self.site.torch_threads)
-        model = build_segmenter(self.model_cfg, self.data_cfg)
-        state = self.full_state(global_state, run_name, model_round)
-        load_state(model, state)
-
-        def val_dice(st: Mapping[str, np.ndarray]) -> float:
-            return evaluate_state(build_segmenter(self.model_cfg, self.data_cfg), st, self.val_set,
-                                  num_classes=self.data_cfg.num_classes,
-                                  min_component_voxels=min_component_voxels, refine=refine).dice
-
-        before = val_dice(state)
-        best, best_epoch, best_private = before, 0, split_state(state, self.local_keys)[1]
-        accountant = self.load_accountant() if self.site.dp_enabled else None
-        plan = None if accountant is None else self._personalization_plan(
-            run_name, batch_size, epochs, accountant)
-        weak = self.weak_settings.for_round(model_round) if self.weak else None
-        steps = 0
-        for epoch in range(1, epochs + 1):
-            settings = FitSettings(epochs=1, lr=lr, batch_size=batch_size, optimizer="adam",
-                                   seed=self._round_seed(model_round) + 7919 * epoch,
-                                   intensity=self.data_cfg.intensity_augment)
-            res = fit(model, self.train_set, settings, num_classes=self.data_cfg.num_classes,
-                      privacy=plan, accountant=accountant, secure_mode=self.site.secure_mode,
-                      weak=weak, only=self.local_keys)
-            steps += res.steps
-            if accountant is not None:
-                save_accountant(accountant, self.accountant_path)
-            model = build_segmenter(self.model_cfg, self.data_cfg)  # no Opacus hooks
-            load_state(model, res.state)
-            dice = val_dice(res.state)
-            logger.info("site %s personalisation epoch %d/%d: val Dice %.4f (federated %.4f)",
-                        self.site.id, epoch, epochs, dice, before)
-            if dice > best:
-                best, best_epoch = dice, epoch
-                best_private = split_state(res.state, self.local_keys)[1]
-        epsilon = None
-        if accountant is not None and plan is not None:
-            epsilon = epsilon_of(accountant, self.site.delta)
-            req = RoundRequest(server_round=model_round, total_rounds=model_round, local_epochs=epochs,
-                               lr=lr, batch_size=batch_size, run_name=run_name)
-            self._append_ledger(req, plan, epsilon, steps, phase="personalize")
-        store.save(model_round, best_private)
-        out = PersonalizeOutcome(val_dice_before=before, val_dice_after=best, epochs_kept=best_epoch,
-                                 epochs=epochs, steps=steps, epsilon=epsilon,
-                                 privacy=None if plan is None else asdict(plan))
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"run": run_name, "model_round": model_round,
-                                   "outcome": asdict(out)}), encoding="utf-8")
-        os.replace(tmp, done)
-        return out
-
-    def _personalization_plan(self, run_name: str, batch_size: int, epochs: int,
-                              accountant: object) -> RoundPrivacyPlan:
-        """The DP plan of ``epochs`` personalisation epochs: at the noise of
-        the run's rounds, which reserved their budget (:meth:`plan`).
-
-        Raises
-        ------
-        PrivacyBudgetExceeded
-            The rounds reserved fewer steps than asked for, or the epochs would
-            take the site past its cap.
-        """
-        spe = self._steps_per_epoch(batch_size)
-        q, steps = 1.0 / spe, spe * epochs
-        path = self.site.state_dir / "privacy_plan.json"
-        stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        if stored is None or stored.get("run") != run_name:
-            # the site trained no round of this run: the whole budget is free
-            return plan_round(accountant, epsilon_cap=self.site.epsilon, delta=self.site.delta,
-                              max_grad_norm=self.site.max_grad_norm, sample_rate=q,
-                              steps_this_round=steps, rounds_remaining=1)
-        reserved = int(stored.get("reserve_steps", 0))
-        if reserved < steps or stored.get("sample_rate") != q:
-            raise PrivacyBudgetExceeded(
-                f"site {self.site.id!r}: personalisation asks for {steps} DP steps at sample rate "
-                f"{q:.4g}, but the rounds of run {run_name!r} reserved {reserved} at "
-                f"{stored.get('sample_rate')}; nothing is trained. Fix: set "
-                "train.personalize.epochs (and batch_size) before the run starts"
-            )
-        return self._fixed_noise_plan(accountant, float(stored["noise_multiplier"]), q, steps,
-                                      "personalisation")
-
-    def _fixed_noise_plan(self, accountant: object, sigma: float, q: float, steps: int,
+    def fixed_noise_plan(self, accountant: object, sigma: float, q: float, steps: int,
                           what: str) -> RoundPrivacyPlan:
         """The plan of ``steps`` DP steps at the run's fixed noise ``sigma``;
         raises PrivacyBudgetExceeded (nothing trained) if they would pass the cap."""
@@ -502,7 +369,7 @@ class SiteSession:
         """Cumulative epsilon at the site's delta (0.0 before any DP step)."""
         return epsilon_of(self.load_accountant(), self.site.delta)
 
-    def _steps_per_epoch(self, batch_size: int) -> int:
+    def dp_steps_per_epoch(self, batch_size: int) -> int:
         """DP steps per epoch over the site's privacy units (slices, or bags)."""
         if self.is_bag_site:
             bags = self.train_bags
@@ -518,14 +385,14 @@ class SiteSession:
         epochs at the same sample rate), then kept fixed: a later round that would take the site past
         its cap is refused rather than trained with ever larger noise.
         """
-        spe = self._steps_per_epoch(req.batch_size)
+        spe = self.dp_steps_per_epoch(req.batch_size)
         q, steps = 1.0 / spe, spe * req.local_epochs
         path = self.site.state_dir / "privacy_plan.json"
         stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
         key = {"run": req.run_name, "sample_rate": q, "steps": steps,
                "reserve_steps": spe * req.reserve_epochs}
         if stored is not None and all(stored.get(k) == v for k, v in key.items()):
-            return self._fixed_noise_plan(accountant, float(stored["noise_multiplier"]), q, steps,
+            return self.fixed_noise_plan(accountant, float(stored["noise_multiplier"]), q, steps,
                                           f"round {req.server_round}")
         plan = plan_round(
             accountant,
@@ -570,7 +437,7 @@ class SiteSession:
         settings = FitSettings(
             epochs=req.local_epochs, lr=req.lr, batch_size=req.batch_size,
             optimizer=req.optimizer, momentum=req.momentum, proximal_mu=req.proximal_mu,
-            seed=self._round_seed(req.server_round), intensity=self.data_cfg.intensity_augment,
+            seed=self.round_seed(req.server_round), intensity=self.data_cfg.intensity_augment,
         )
         if self.is_bag_site:
             result = fit_bags(model, self.train_bags, settings, privacy=plan, accountant=accountant,
@@ -593,7 +460,7 @@ class SiteSession:
             # can never lose spent budget (epsilon only grows).
             save_accountant(accountant, self.accountant_path)
             epsilon = epsilon_of(accountant, self.site.delta)
-            self._append_ledger(req, plan, epsilon, result.steps)
+            self.append_ledger(req.server_round, plan, epsilon, result.steps)
         val = None
         if self.val_set is not None:
             val = evaluate_state(
@@ -619,7 +486,7 @@ class SiteSession:
         })
         return outcome
 
-    def _round_seed(self, server_round: int) -> int:
+    def round_seed(self, server_round: int) -> int:
         """Per-site, per-round seed: sites must not share random streams
         (same shuffles and augmentations everywhere would correlate them)."""
         return (self.site.seed * 1_000_003 + zlib.crc32(self.site.id.encode()) * 101
@@ -666,7 +533,8 @@ class SiteSession:
                     f"round {model_round}: personalisation did not run or failed there. Fix: see "
                     "the site's log for why; the federated model is scored without them"
                 )
-            load_state(model, merge_state(state, self._personal_store(run_name).load_at(model_round)))
+            load_state(model, merge_state(
+                state, personal_store(self.site.state_dir, run_name).load_at(model_round)))
         else:
             load_state(model, self.full_state(state, run_name, model_round))
         bags = self.is_bag_site
@@ -675,11 +543,12 @@ class SiteSession:
                               with_auc=split == "test", bags=bags, bag_gate=bag_gate and bags,
                               refine=refine)
 
-    def _append_ledger(
-        self, req: RoundRequest, plan: RoundPrivacyPlan, epsilon: float, steps: int,
+    def append_ledger(
+        self, server_round: int, plan: RoundPrivacyPlan, epsilon: float, steps: int,
         phase: str = "train",
     ) -> None:
-        row = {"round": req.server_round, "phase": phase, **asdict(plan), "steps_taken": steps,
+        """Append a row to the site's own privacy ledger (fsynced)."""
+        row = {"round": server_round, "phase": phase, **asdict(plan), "steps_taken": steps,
                "epsilon": epsilon}
         path = self.site.state_dir / "ledger.jsonl"
         with open(path, "a", encoding="utf-8") as fh:

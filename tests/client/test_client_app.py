@@ -136,7 +136,7 @@ def test_sites_do_not_share_random_streams(tmp_path: Path, tiny_scenario: Scenar
     def seed_of(site_id: str) -> int:
         sess = SiteSession.__new__(SiteSession)
         sess.site = SiteConfig(id=site_id, data_dir=tmp_path, state_dir=tmp_path)
-        return sess._round_seed(3)
+        return sess.round_seed(3)
 
     assert seed_of("a") != seed_of("b")
     assert seed_of("a") == seed_of("a")

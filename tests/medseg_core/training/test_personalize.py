@@ -12,6 +12,7 @@ from medseg_core.adaptation import AdaptationStore, split_state
 from medseg_core.config import ScenarioConfig, parse_model
 from medseg_core.errors import ConfigError, PrivacyBudgetExceeded
 from medseg_core.sites import materialise_site
+from medseg_core.training import personalize as personalize_module
 from medseg_core.training import site as site_module
 from medseg_core.training.session import FitSettings, build_segmenter, fit
 from medseg_core.training.site import RoundRequest, SiteSession
@@ -63,7 +64,7 @@ def test_the_epoch_with_the_best_val_dice_is_kept(tmp_path: Path, monkeypatch) -
     glob = _global(_scenario())
     federated = sess.private_state("r", 2)
     scores = iter([0.5, 0.4, 0.7, 0.6])
-    monkeypatch.setattr(site_module, "evaluate_state",
+    monkeypatch.setattr(personalize_module, "evaluate_state",
                         lambda *a, **k: type("M", (), {"dice": next(scores)})())
     out = sess.personalize(glob, "r", 2, epochs=3, lr=1e-2, batch_size=4)
     assert (out.val_dice_before, out.val_dice_after, out.epochs_kept) == (0.5, 0.7, 2)
@@ -79,7 +80,7 @@ def test_the_epoch_with_the_best_val_dice_is_kept(tmp_path: Path, monkeypatch) -
 def test_no_better_epoch_keeps_the_federated_layers(tmp_path: Path, monkeypatch) -> None:
     sess = _session(tmp_path, _scenario())
     scores = iter([0.5, 0.4, 0.5])  # a tie is not a gain
-    monkeypatch.setattr(site_module, "evaluate_state",
+    monkeypatch.setattr(personalize_module, "evaluate_state",
                         lambda *a, **k: type("M", (), {"dice": next(scores)})())
     out = sess.personalize(_global(_scenario()), "r", 2, epochs=2, lr=1e-2, batch_size=4)
     assert out.epochs_kept == 0 and out.val_dice_after == 0.5
