@@ -265,14 +265,7 @@ def run_federation(
             if priv is not None:
                 eps = float(priv[keys.EPSILON])
                 eps_round.append(eps)
-                store.add_ledger(run_id, LedgerRow(
-                    site_id=site, round=rnd,
-                    noise_multiplier=float(priv[keys.NOISE_MULTIPLIER]),
-                    max_grad_norm=float(priv[keys.MAX_GRAD_NORM]),
-                    sample_rate=float(priv[keys.SAMPLE_RATE]),
-                    steps=int(priv[keys.STEPS]), epsilon=eps,
-                    delta=float(priv[keys.DELTA]), accountant=str(priv[keys.ACCOUNTANT]),
-                ))
+                store.add_ledger(run_id, _ledger_row(site, rnd, priv))
         if accepted:
             filled = average_over_trainers(accepted, reference)
             if filled:
@@ -533,12 +526,17 @@ def _personalize(
         priv = reply.content.config_records.get("privacy")
         if priv is not None:
             reports[site]["epsilon"] = float(priv[keys.EPSILON])
-            store.add_ledger(run_id, LedgerRow(
-                site_id=site, round=scenario.rounds + 1,
-                noise_multiplier=float(priv[keys.NOISE_MULTIPLIER]),
-                max_grad_norm=float(priv[keys.MAX_GRAD_NORM]),
-                sample_rate=float(priv[keys.SAMPLE_RATE]),
-                steps=int(priv[keys.STEPS]), epsilon=float(priv[keys.EPSILON]),
-                delta=float(priv[keys.DELTA]), accountant=str(priv[keys.ACCOUNTANT]),
-            ))
+            store.add_ledger(run_id, _ledger_row(site, scenario.rounds + 1, priv))
     return reports
+
+
+def _ledger_row(site: str, rnd: int, priv: ConfigRecord) -> LedgerRow:
+    """The privacy-ledger row of a reply's ``privacy`` record."""
+    return LedgerRow(
+        site_id=site, round=rnd,
+        noise_multiplier=float(priv[keys.NOISE_MULTIPLIER]),
+        max_grad_norm=float(priv[keys.MAX_GRAD_NORM]),
+        sample_rate=float(priv[keys.SAMPLE_RATE]),
+        steps=int(priv[keys.STEPS]), epsilon=float(priv[keys.EPSILON]),
+        delta=float(priv[keys.DELTA]), accountant=str(priv[keys.ACCOUNTANT]),
+    )

@@ -382,8 +382,9 @@ class SiteSession:
         The noise multiplier is calibrated once per run (at the site's first
         round of that run) so the planned rounds spend the remaining budget
         evenly (less the share of ``req.reserve_epochs`` personalisation
-        epochs at the same sample rate), then kept fixed: a later round that would take the site past
-        its cap is refused rather than trained with ever larger noise.
+        epochs at the same sample rate), then kept fixed: a later round that
+        would take the site past its cap is refused rather than trained with
+        ever larger noise.
         """
         spe = self.dp_steps_per_epoch(req.batch_size)
         q, steps = 1.0 / spe, spe * req.local_epochs
@@ -530,8 +531,9 @@ class SiteSession:
             if not self.has_personalized(run_name, model_round):
                 raise ConfigError(
                     f"site {self.site.id!r} holds no personalised layers for run {run_name!r}, "
-                    f"round {model_round}: personalisation did not run or failed there. Fix: see "
-                    "the site's log for why; the federated model is scored without them"
+                    f"round {model_round}: personalisation did not run or failed there (the site's "
+                    "log says why). Fix: personalise first (train.personalize.epochs > 0), or "
+                    "evaluate with personalized=False"
                 )
             load_state(model, merge_state(
                 state, personal_store(self.site.state_dir, run_name).load_at(model_round)))

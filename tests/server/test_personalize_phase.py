@@ -1,0 +1,85 @@
+"""The server's personalisation phase against real ClientApps (no Ray): a
+site that can personalise is scored with its personalised layers, one that
+cannot says why and is scored with its layers as federated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from uuid import uuid4
+
+import yaml
+from flwr.app import Context, Message, RecordDict
+
+from client import site_runtime
+from client.app import build_client_app
+from client.records import state_to_record
+from medseg_core.config import ScenarioConfig, parse_model
+from medseg_core.sites import materialise_site
+from medseg_core.store import RunStore
+from server.federation import FederationOutcome, _evaluate, _personalize, initial_state
+from server.strategies import build_strategy
+
+
+class _LocalGrid:
+    """A Grid that hands each message to a real ClientApp in this process
+    (node id -> that site's ``site.yaml``)."""
+
+    def __init__(self, sites: dict[int, Path]) -> None:
+        self.app, self.sites, self.replies = build_client_app(), sites, []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.sites)
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = str(uuid4())
+            node = m.metadata.dst_node_id
+            ctx = Context(run_id=1, node_id=node, node_config={"site-config": str(self.sites[node])},
+                          state=RecordDict(), run_config={})
+            self.replies.append(self.app(m, ctx))
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, ids) -> list[Message]:
+        want = set(ids)
+        got = [r for r in self.replies if r.metadata.reply_to_message_id in want]
+        self.replies = [r for r in self.replies if r not in got]
+        return got
+
+
+def test_a_site_that_cannot_personalise_says_why_and_keeps_its_federated_score(tmp_path: Path) -> None:
+    site_runtime._SESSIONS.clear()
+    scenario = parse_model(ScenarioConfig, {
+        "rounds": 1,
+        "sites": [{"id": "ok", "n_train": 12, "n_test": 3}, {"id": "no-val", "n_train": 12, "n_test": 3}],
+        "model": {"channels": [8, 16], "strides": [2], "norm_groups": 4, "adaptation": "norm"},
+        "data": {"image_size": 32, "val_fraction": 0.25},
+        "train": {"batch_size": 4, "personalize": {"epochs": 1, "lr": 0.01}},
+        "privacy": {"enabled": False},
+    })
+    paths = {}
+    for node, spec in enumerate(scenario.sites, start=1):
+        materialise_site(spec, scenario, tmp_path)
+        paths[node] = tmp_path / "sites" / spec.id / "site.yaml"
+    cfg = yaml.safe_load(paths[2].read_text())
+    paths[2].write_text(yaml.safe_dump({**cfg, "val_fraction": 0.0}))  # nothing to pick an epoch with
+    grid = _LocalGrid(paths)
+    arrays = state_to_record(initial_state(scenario))
+    with RunStore(tmp_path / "runstore.sqlite") as store:
+        store.start_run("run-p", name="p", config={}, versions={}, git_rev=None)
+        node_sites: dict[int, str] = {}
+        strategy = build_strategy(scenario.strategy, n_sites=2)
+        outcome = FederationOutcome(run_id="run-p", rounds=1)
+        args = (grid, strategy, scenario, "run-p", 1, 1, arrays, "test", store, node_sites, outcome,
+                60.0)
+        _evaluate(*args)  # as in run_federation: the test split first, as federated
+        federated = {s: r.dice for s, r in outcome.sites.items()}
+        reports = _personalize(grid, scenario, "run-p", 1, arrays, store, node_sites, 60.0)
+        assert set(reports["ok"]) == {"val_dice_before", "val_dice_after", "epochs_kept"}
+        assert "no validation cases with masks" in reports["no-val"]["error"]
+        [rej] = store.rejections("run-p")
+        assert (rej["site_id"], rej["kind"], rej["round"]) == ("no-val", "personalize-error", 2)
+        _evaluate(*args, personalized=True)
+    assert outcome.sites["ok"].personalized and not outcome.sites["no-val"].personalized
+    assert outcome.sites["no-val"].dice == federated["no-val"]
