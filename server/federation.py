@@ -111,13 +111,21 @@ def _train_config(scenario: ScenarioConfig, run_id: str) -> dict[str, Any]:
         "batch-size": t.batch_size,
         "optimizer": t.optimizer,
         "momentum": t.momentum,
+        keys.RUN_NAME: run_id,
+        keys.PERSONALIZE_EPOCHS: t.personalize.epochs,
+        **_site_settings(scenario),
+    }
+
+
+def _site_settings(scenario: ScenarioConfig) -> dict[str, Any]:
+    """What every message to a site carries: how to build the model and read
+    the data, the weak-label settings and how predictions are post-processed."""
+    return {
         keys.MIN_COMPONENT_VOXELS: scenario.evaluation.min_component_voxels,
         keys.EVAL_REFINE: scenario.evaluation.refine,
         "model": scenario.model.model_dump_json(),
         "data": scenario.data.model_dump_json(),
         "weak": scenario.train.weak.model_dump_json(),
-        keys.RUN_NAME: run_id,
-        keys.PERSONALIZE_EPOCHS: t.personalize.epochs,
     }
 
 
@@ -427,13 +435,9 @@ def _evaluate(
         keys.EVAL_SPLIT: split,
         keys.RUN_NAME: run_id,
         keys.MODEL_ROUND: model_round,
-        keys.MIN_COMPONENT_VOXELS: scenario.evaluation.min_component_voxels,
         keys.BAG_GATE: scenario.evaluation.bag_gate,
-        keys.EVAL_REFINE: scenario.evaluation.refine,
         keys.PERSONALIZED: personalized,
-        "model": scenario.model.model_dump_json(),
-        "data": scenario.data.model_dump_json(),
-        "weak": scenario.train.weak.model_dump_json(),
+        **_site_settings(scenario),
     })
     replies = in_site_order(_send(grid, strategy.configure_evaluate(rnd, arrays, cfg, grid),
                                   timeout), node_sites)
@@ -498,11 +502,7 @@ def _personalize(
         keys.PERSONALIZE_EPOCHS: p.epochs,
         keys.LEARNING_RATE: p.lr,
         "batch-size": scenario.train.batch_size,
-        keys.MIN_COMPONENT_VOXELS: scenario.evaluation.min_component_voxels,
-        keys.EVAL_REFINE: scenario.evaluation.refine,
-        "model": scenario.model.model_dump_json(),
-        "data": scenario.data.model_dump_json(),
-        "weak": scenario.train.weak.model_dump_json(),
+        **_site_settings(scenario),
     })
     content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: cfg})
     msgs = [Message(content=content, message_type="train.personalize", dst_node_id=node)
