@@ -20,14 +20,12 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from medseg_core import keys
@@ -40,10 +38,12 @@ from medseg_core.checkpoint import (
     save_checkpoint,
 )
 from medseg_core.config import ScenarioConfig, StrategyConfig
-from medseg_core.store import LedgerRow, RunStore
+from medseg_core.store import RunStore
 from medseg_core.training.session import build_segmenter
 
 from client.records import record_to_state, state_to_record
+from server.messaging import in_site_order, send, site_of, site_settings
+from server.phases import FederationOutcome, SiteResult, evaluate_sites, ledger_row, personalize_sites
 from server.strategies import build_strategy
 from server.validation import validate_train_reply
 
@@ -51,46 +51,6 @@ __all__ = ["FederationOutcome", "SiteResult", "average_over_trainers", "in_site_
            "initial_state", "run_federation", "set_aggregation_weight"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SiteResult:
-    """A site's final figures (test split of that site)."""
-
-    dice: float | None = None
-    hd95: float | None = None
-    epsilon: float | None = None
-    n_train: int | None = None
-    label_regime: str | None = None
-    bag_auc: float | None = None
-    mil_auc: float | None = None  # bag sites: the MIL head's bag-level prediction
-    dice_empty_baseline: float | None = None
-    dice_se: float | None = None
-    # train.personalize: ``dice`` is with the site's personalised private
-    # layers when ``personalized``; ``dice_global`` is the same global model
-    # with the private layers as federated; ``personalization`` is the site's
-    # report (local val Dice before/after, epoch kept) or {"error": why}
-    personalized: bool = False
-    dice_global: float | None = None
-    personalization: dict[str, Any] | None = None
-
-
-@dataclass
-class FederationOutcome:
-    """What a federated run produced."""
-
-    run_id: str
-    rounds: int
-    selected_round: int = 0
-    sites: dict[str, SiteResult] = field(default_factory=dict)
-    dice_mean: float | None = None
-    rejected: int = 0
-    checkpoint: str | None = None
-    wall_seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
 
 
 def initial_state(scenario: ScenarioConfig) -> dict[str, np.ndarray]:
@@ -113,78 +73,8 @@ def _train_config(scenario: ScenarioConfig, run_id: str) -> dict[str, Any]:
         "momentum": t.momentum,
         keys.RUN_NAME: run_id,
         keys.PERSONALIZE_EPOCHS: t.personalize.epochs,
-        **_site_settings(scenario),
+        **site_settings(scenario),
     }
-
-
-def _site_settings(scenario: ScenarioConfig) -> dict[str, Any]:
-    """What every message to a site carries: how to build the model and read
-    the data, the weak-label settings and how predictions are post-processed."""
-    return {
-        keys.MIN_COMPONENT_VOXELS: scenario.evaluation.min_component_voxels,
-        keys.EVAL_REFINE: scenario.evaluation.refine,
-        "model": scenario.model.model_dump_json(),
-        "data": scenario.data.model_dump_json(),
-        "weak": scenario.train.weak.model_dump_json(),
-    }
-
-
-def _site_of(msg: Message, node_sites: dict[int, str], node: int) -> str:
-    if not msg.has_error():
-        rec = msg.content.config_records.get(keys.SITE)
-        if rec is not None and isinstance(rec.get(keys.SITE_ID), str):
-            node_sites[node] = str(rec[keys.SITE_ID])
-    return node_sites.get(node, f"node-{node}")
-
-
-def in_site_order(replies: list[tuple[int, Message]],
-                  node_sites: dict[int, str]) -> list[tuple[int, Message]]:
-    """``(node, reply)`` pairs sorted by site id (then node).
-
-    Replies arrive in the order the sites finish, which changes from run to
-    run; the strategies sum updates in list order, and a float32 sum depends
-    on its order. Sorted, a run's aggregate is the same whatever order the
-    sites finished in, so a seeded run reproduces (the weak-label path,
-    whose pseudo-mask thresholds amplify a last-bit difference, did not).
-    """
-    return sorted(replies, key=lambda nr: (_site_of(nr[1], node_sites, nr[0]), nr[0]))
-
-
-#: Seconds between two pulls for replies. Flower's HTTP grid sleeps 3 s between
-#: pulls in ``send_and_receive``; the SuperLink is local to the ServerApp, so a
-#: short interval costs nothing and takes up to 3 s off every round phase.
-REPLY_POLL_S = 0.2
-
-
-def _send(grid: Grid, messages: Iterable[Message], timeout: float) -> list[tuple[int, Message]]:
-    """Send one phase of a round and collect the replies that arrive within ``timeout``.
-
-    Each message lives only as long as the round waits for it (Flower's
-    default TTL is 12 h): a site that was down during the round never
-    receives it later, so a rejoining site does not spend privacy budget on a
-    round the server has already closed.
-
-    Returns ``(node, reply)`` pairs, ``node`` being the node the message was
-    sent to: an error reply made by the SuperLink (e.g. the message expired
-    while the site was down) carries the SuperLink's id, not the site's.
-    """
-    msgs = list(messages)
-    for m in msgs:
-        m.metadata.ttl = float(timeout)
-    if not msgs:
-        return []
-    ids = list(grid.push_messages(msgs))
-    dst = {mid: m.metadata.dst_node_id for mid, m in zip(ids, msgs, strict=True)}
-    pending, replies = set(ids), []
-    end = time.monotonic() + timeout
-    while True:
-        got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending.difference_update(r.metadata.reply_to_message_id for r in got)
-        if not pending or time.monotonic() >= end:
-            break
-        time.sleep(REPLY_POLL_S)
-    return [(dst.get(r.metadata.reply_to_message_id, r.metadata.src_node_id), r) for r in replies]
 
 
 def run_federation(
@@ -235,7 +125,7 @@ def run_federation(
         logger.info("round %d/%d: training", rnd, scenario.rounds)
         store.start_round(run_id, rnd)
         reference = record_to_state(arrays)
-        replies = in_site_order(_send(
+        replies = in_site_order(send(
             grid,
             strategy.configure_train(rnd, arrays, ConfigRecord(_train_config(scenario, run_id)), grid),
             timeout,
@@ -244,7 +134,7 @@ def run_federation(
         eps_round: list[float] = []
         losses: list[tuple[float, float]] = []
         for node, reply in replies:
-            site = _site_of(reply, node_sites, node)
+            site = site_of(reply, node_sites, node)
             if reply.has_error():
                 reason = reply.error.reason or f"error code {reply.error.code}"
                 logger.warning("round %d: site %s answered with an error: %s", rnd, site, reason)
@@ -273,7 +163,7 @@ def run_federation(
             if priv is not None:
                 eps = float(priv[keys.EPSILON])
                 eps_round.append(eps)
-                store.add_ledger(run_id, _ledger_row(site, rnd, priv))
+                store.add_ledger(run_id, ledger_row(site, rnd, priv))
         if accepted:
             filled = average_over_trainers(accepted, reference)
             if filled:
@@ -284,7 +174,7 @@ def run_federation(
         else:
             logger.warning("round %d: no update accepted; the global model is unchanged", rnd)
 
-        val_dice = _evaluate(
+        val_dice = evaluate_sites(
             grid, strategy, scenario, run_id, rnd, rnd, arrays, "val", store, node_sites, outcome,
             timeout,
         )
@@ -317,13 +207,13 @@ def run_federation(
     outcome.selected_round = best_round
     logger.info("final model: round %d (select=%s); testing on every site",
                 best_round, scenario.evaluation.select)
-    _evaluate(grid, strategy, scenario, run_id, scenario.rounds, best_round, best_arrays, "test",
+    evaluate_sites(grid, strategy, scenario, run_id, scenario.rounds, best_round, best_arrays, "test",
               store, node_sites, outcome, timeout)
     if scenario.train.personalize.epochs:
         federated = {site: r.dice for site, r in outcome.sites.items()}
-        reports = _personalize(grid, scenario, run_id, best_round, best_arrays, store, node_sites,
+        reports = personalize_sites(grid, scenario, run_id, best_round, best_arrays, store, node_sites,
                                timeout)
-        _evaluate(grid, strategy, scenario, run_id, scenario.rounds, best_round, best_arrays,
+        evaluate_sites(grid, strategy, scenario, run_id, scenario.rounds, best_round, best_arrays,
                   "test", store, node_sites, outcome, timeout, personalized=True)
         for site, r in outcome.sites.items():
             r.dice_global = federated.get(site)
@@ -409,134 +299,3 @@ def average_over_trainers(replies: list[Message], reference: dict[str, np.ndarra
                 rec[k] = fill
         filled.append(k)
     return filled
-
-
-def _evaluate(
-    grid: Grid,
-    strategy: Any,
-    scenario: ScenarioConfig,
-    run_id: str,
-    rnd: int,
-    model_round: int,
-    arrays: ArrayRecord,
-    split: str,
-    store: RunStore,
-    node_sites: dict[int, str],
-    outcome: FederationOutcome,
-    timeout: float,
-    *,
-    personalized: bool = False,
-) -> float | None:
-    """Evaluate the global model of ``model_round`` on every site's ``split``
-    (each site merges in its private adaptation layers of that round, or
-    with ``personalized`` its personalised ones where it has them);
-    returns the weighted Dice."""
-    cfg = ConfigRecord({
-        keys.EVAL_SPLIT: split,
-        keys.RUN_NAME: run_id,
-        keys.MODEL_ROUND: model_round,
-        keys.BAG_GATE: scenario.evaluation.bag_gate,
-        keys.PERSONALIZED: personalized,
-        **_site_settings(scenario),
-    })
-    replies = in_site_order(_send(grid, strategy.configure_evaluate(rnd, arrays, cfg, grid),
-                                  timeout), node_sites)
-    num, den = 0.0, 0.0
-    for node, reply in replies:
-        site = _site_of(reply, node_sites, node)
-        if reply.has_error():
-            store.add_rejection(run_id, rnd, site, node_id=node,
-                                kind="eval-error", reason=reply.error.reason or "")
-            continue
-        m = reply.content.metric_records.get(keys.METRICS)
-        s = reply.content.config_records.get(keys.SITE)
-        if m is None or s is None or not math.isfinite(float(m.get(keys.DICE, math.nan))):
-            store.add_rejection(run_id, rnd, site, node_id=node,
-                                kind="eval-invalid", reason="evaluate reply lacks finite dice")
-            continue
-        dice, n = float(m[keys.DICE]), int(m[keys.NUM_EXAMPLES])
-        hd = float(s.get(keys.HD95, math.nan))
-        auc = float(s.get(keys.AUC, math.nan))
-        mil_auc = float(s.get(keys.MIL_AUC, math.nan))
-        empty = float(s.get(keys.EMPTY_DICE, math.nan))
-        se = float(s.get(keys.DICE_SE, math.nan))
-        # n == 0: the site has no masks on this split (image-level labels only)
-        store.add_site_metrics(run_id, rnd, site, phase="evaluate",
-                               split=f"{split}+personalized" if personalized else split,
-                               num_examples=n, dice=dice if n else None,
-                               hd95=hd if math.isfinite(hd) else None)
-        num, den = num + dice * n, den + n
-        if split == "test":
-            outcome.sites[site] = SiteResult(
-                dice=dice if n else None, hd95=hd if math.isfinite(hd) else None,
-                n_train=int(s.get(keys.N_TRAIN, 0)), label_regime=str(s.get(keys.LABEL_REGIME, "")),
-                bag_auc=auc if math.isfinite(auc) else None,
-                mil_auc=mil_auc if math.isfinite(mil_auc) else None,
-                dice_empty_baseline=empty if math.isfinite(empty) else None,
-                dice_se=se if n and math.isfinite(se) else None,
-                personalized=bool(s.get(keys.PERSONALIZED, False)),
-            )
-    return num / den if den else None
-
-
-def _personalize(
-    grid: Grid,
-    scenario: ScenarioConfig,
-    run_id: str,
-    model_round: int,
-    arrays: ArrayRecord,
-    store: RunStore,
-    node_sites: dict[int, str],
-    timeout: float,
-) -> dict[str, dict[str, Any]]:
-    """Ask every site to personalise its private layers against the selected
-    global model (``train.personalize``); returns each site's report.
-
-    Replies carry metrics (and the DP spend) only. A site's DP spend is
-    recorded in the ledger as round ``rounds + 1``, so the run's epsilon
-    (a max over sites) includes it."""
-    p = scenario.train.personalize
-    cfg = ConfigRecord({
-        keys.MODEL_ROUND: model_round,
-        keys.RUN_NAME: run_id,
-        keys.PERSONALIZE_EPOCHS: p.epochs,
-        keys.LEARNING_RATE: p.lr,
-        "batch-size": scenario.train.batch_size,
-        **_site_settings(scenario),
-    })
-    content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: cfg})
-    msgs = [Message(content=content, message_type="train.personalize", dst_node_id=node)
-            for node in grid.get_node_ids()]
-    logger.info("personalising the private layers of %d site(s) on the round-%d model "
-                "(%d epoch(s))", len(msgs), model_round, p.epochs)
-    reports: dict[str, dict[str, Any]] = {}
-    for node, reply in in_site_order(_send(grid, msgs, timeout), node_sites):
-        site = _site_of(reply, node_sites, node)
-        if reply.has_error():
-            reason = reply.error.reason or f"error code {reply.error.code}"
-            logger.warning("site %s: personalisation refused or failed: %s", site, reason)
-            store.add_rejection(run_id, scenario.rounds + 1, site, node_id=node,
-                                kind="personalize-error", reason=reason)
-            reports[site] = {"error": reason}
-            continue
-        m = reply.content.metric_records[keys.METRICS]
-        reports[site] = {"val_dice_before": float(m[keys.DICE_BEFORE]),
-                         "val_dice_after": float(m[keys.DICE]),
-                         "epochs_kept": int(m[keys.EPOCHS_KEPT])}
-        priv = reply.content.config_records.get("privacy")
-        if priv is not None:
-            reports[site]["epsilon"] = float(priv[keys.EPSILON])
-            store.add_ledger(run_id, _ledger_row(site, scenario.rounds + 1, priv))
-    return reports
-
-
-def _ledger_row(site: str, rnd: int, priv: ConfigRecord) -> LedgerRow:
-    """The privacy-ledger row of a reply's ``privacy`` record."""
-    return LedgerRow(
-        site_id=site, round=rnd,
-        noise_multiplier=float(priv[keys.NOISE_MULTIPLIER]),
-        max_grad_norm=float(priv[keys.MAX_GRAD_NORM]),
-        sample_rate=float(priv[keys.SAMPLE_RATE]),
-        steps=int(priv[keys.STEPS]), epsilon=float(priv[keys.EPSILON]),
-        delta=float(priv[keys.DELTA]), accountant=str(priv[keys.ACCOUNTANT]),
-    )

@@ -16,7 +16,8 @@ from client.records import state_to_record
 from medseg_core.config import ScenarioConfig, parse_model
 from medseg_core.sites import materialise_site
 from medseg_core.store import RunStore
-from server.federation import FederationOutcome, _evaluate, _personalize, initial_state
+from server.federation import initial_state
+from server.phases import FederationOutcome, evaluate_sites, personalize_sites
 from server.strategies import build_strategy
 
 
@@ -73,13 +74,13 @@ def test_a_site_that_cannot_personalise_says_why_and_keeps_its_federated_score(t
         outcome = FederationOutcome(run_id="run-p", rounds=1)
         args = (grid, strategy, scenario, "run-p", 1, 1, arrays, "test", store, node_sites, outcome,
                 60.0)
-        _evaluate(*args)  # as in run_federation: the test split first, as federated
+        evaluate_sites(*args)  # as in run_federation: the test split first, as federated
         federated = {s: r.dice for s, r in outcome.sites.items()}
-        reports = _personalize(grid, scenario, "run-p", 1, arrays, store, node_sites, 60.0)
+        reports = personalize_sites(grid, scenario, "run-p", 1, arrays, store, node_sites, 60.0)
         assert set(reports["ok"]) == {"val_dice_before", "val_dice_after", "epochs_kept"}
         assert "no validation cases with masks" in reports["no-val"]["error"]
         [rej] = store.rejections("run-p")
         assert (rej["site_id"], rej["kind"], rej["round"]) == ("no-val", "personalize-error", 2)
-        _evaluate(*args, personalized=True)
+        evaluate_sites(*args, personalized=True)
     assert outcome.sites["ok"].personalized and not outcome.sites["no-val"].personalized
     assert outcome.sites["no-val"].dice == federated["no-val"]
