@@ -226,6 +226,13 @@ class WeakConfig(_Strict):
     # decoder below bg_max_p if set) or "decoder" (decoder below bg_max_p, default
     # 0.2, only in an image where the decoder found a lesion; weak/pseudo.py)
     bg_source: Literal["cam", "decoder"] = "cam"
+    # a positive's pixels inside an image blob (|difference of Gaussians| of the
+    # input above this, in the input's z-units, grown by blob_dilate px) are never
+    # pseudo-background, whatever the CAM or decoder says: lesions are focal
+    # intensity abnormalities, bright or dark (None: off; weak/pseudo.py)
+    bg_blob: float | None = Field(default=None, gt=0.0)
+    blob_sigmas: tuple[float, float] = (1.0, 4.0)
+    blob_dilate: int = Field(default=2, ge=0, le=16)
     # a positive whose pseudo-foreground covers more than this fraction of the image
     # gets none (ignored, not background): an untrained decoder's p ~ 0.5 everywhere
     # is not a lesion (None: no limit)
@@ -275,6 +282,17 @@ class WeakConfig(_Strict):
                 f"of one image's area that a positive case's lesions cover); got {list(v)}. "
                 "Fix: e.g. [0.005, 0.12] for lesions of 20-500 px in a 64 x 64 image, or leave "
                 "it out (no size prior)"
+            )
+        return v
+
+    @field_validator("blob_sigmas")
+    @classmethod
+    def _blob_sigmas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] < v[1] <= 32.0:
+            raise ValueError(
+                f"train.weak.blob_sigmas must be [inner, outer] Gaussian widths in px with "
+                f"0 < inner < outer <= 32; got {list(v)}. Fix: e.g. [1, 4] for lesions of "
+                "3-8 px radius (inner below the lesion radius, outer about it)"
             )
         return v
 
