@@ -89,7 +89,7 @@ def main() -> None:
         with torch.no_grad():
             logits = model(test.images)
             cam = last_cam(model)
-        lesions = _per_lesion(test.images[:, 0].numpy(), y.numpy(),
+        lesions = per_lesion(test.images[:, 0].numpy(), y.numpy(),
                               logits.softmax(1)[:, 1:].sum(1).numpy())
         images = test.images[pos]
         auc = roc_auc(cam_image_logit(cam, weak), pos.long())  # nan with one class only
@@ -117,7 +117,7 @@ def main() -> None:
         print(" | ".join(parts))
 
 
-def _per_lesion(images: np.ndarray, masks: np.ndarray, p: np.ndarray) -> str:
+def per_lesion(images: np.ndarray, masks: np.ndarray, p: np.ndarray) -> str:
     """Detection rate and mean recall of the decoder per lesion, bright vs dark."""
     rows = []
     for x, y, pi in zip(images, masks, p):
