@@ -3,15 +3,16 @@
 The real figures of the weak/full target come from ``medseg simulate
 --compare`` (Flower, Ray, every site, 25+ minutes a run on this machine).
 To choose between pseudo-mask rules before spending that, this script
-federates the scenario's **2D sites only** in one process, without Flower
-and without DP: every round each site trains one local epoch from the
-global weights with the site runtime's own ``fit`` (same data, losses,
-augmentation and per-round seeds as a site would use), the global weights
+federates the scenario's **2D sites only** in one process, without Flower:
+every round each site runs the site runtime's own round
+(``SiteSession.train_round``: same data, losses, augmentation, per-round
+seeds and, with ``--dp on``, the same DP-SGD plan and accountant as in a
+federation) from the global weights, the global weights
 move by FedAvgM (the scenario's ``strategy.server_momentum``, 0 = FedAvg;
 weights = training cases x ``strategy.regime_weights``), and the round with
 the best mean validation Dice (sites with validation masks, refined as
 ``evaluation.refine``) is scored on every site's test split. About 10 s a
-round for the mixed-regime scenario's three 2D sites.
+round for the mixed-regime scenario's three 2D sites without DP.
 
 For every variant (``NAME='{"weak option": value, ...}'``, applied on top
 of the scenario's ``train.weak``) and seed it prints the selected round,
@@ -22,10 +23,11 @@ recall (``benchmarks/pseudo_masks.py``) and, for a variant with
 covers. ``--full`` adds the arm with every
 site given full masks and prints weak / full per image-level site.
 
-It is a proxy: no DP, no 3D/MIL site, so its Dice is not the scenario's.
+It is a proxy: no 3D/MIL site (whose update the scenario down-weights to
+0.1), so its Dice is not the scenario's.
 
     .venv/bin/python benchmarks/weak_rules.py [--config simulations/configs/mixed_regime.yaml]
-        [--seeds 0 1 2 3] [--rounds 15] [--full] [--jobs 2]
+        [--seeds 0 1 2 3] [--rounds 15] [--full] [--jobs 2] [--dp off|on]
         [--variants committed='{}' blob='{"bg_blob": 0.5}']
 
 Per seed the data differ, and so do the weak arm's dynamics (runs of one
@@ -53,13 +55,13 @@ from pseudo_masks import per_lesion
 
 from medseg_core.config import LabelRegime, ScenarioConfig, parse_model
 from medseg_core.sites import materialise_site
-from medseg_core.training.session import FitSettings, build_segmenter, evaluate_state, fit, load_state
-from medseg_core.training.site import SiteSession
+from medseg_core.training.session import build_segmenter, evaluate_state, load_state
+from medseg_core.training.site import RoundRequest, SiteSession
 from medseg_core.weak.pseudo import blob_map
 from simulations.runner import full_mask_variant
 
 
-def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: int) -> dict:
+def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: int, dp: bool) -> dict:
     """One in-process FedAvgM run of the scenario's 2D sites; its selected round and scores."""
     sessions: dict[str, SiteSession] = {}
     weights: dict[str, float] = {}
@@ -67,7 +69,7 @@ def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: i
     for spec in scenario.sites:
         if getattr(spec, "dims", 2) != 2 or spec.label_regime == LabelRegime.BAG:
             continue
-        site = materialise_site(spec, scenario, workdir, dp_enabled=False)
+        site = materialise_site(spec, scenario, workdir, dp_enabled=dp)
         sess = SiteSession(site, model_cfg=scenario.model, data_cfg=scenario.data,
                            weak_cfg=scenario.train.weak)
         sess.weak_settings = replace(sess.weak_settings, **weak_over)
@@ -83,19 +85,18 @@ def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: i
     refine = scenario.evaluation.refine
     mcv = scenario.evaluation.min_component_voxels
     best: tuple[float, int, dict] = (-1.0, 0, g)
+    eps: dict[str, float | None] = {}
     for r in range(1, rounds + 1):
         new = {k: np.zeros_like(v) for k, v in g.items()}
         for sid, sess in sessions.items():
-            model = build_segmenter(scenario.model, scenario.data)
-            load_state(model, g)
-            res = fit(model, sess.train_set,
-                      FitSettings(epochs=tr.local_epochs, lr=tr.lr, batch_size=tr.batch_size,
-                                  optimizer=tr.optimizer, momentum=tr.momentum,
-                                  seed=sess.round_seed(r), intensity=scenario.data.intensity_augment),
-                      num_classes=scenario.data.num_classes, privacy=None,
-                      weak=sess.weak_settings.for_round(r) if sess.weak else None)
+            # the site runtime's own round (DP plan, accountant, seeds) from the global weights
+            res = sess.train_round(g, RoundRequest(
+                server_round=r, total_rounds=rounds, local_epochs=tr.local_epochs, lr=tr.lr,
+                batch_size=tr.batch_size, optimizer=tr.optimizer, momentum=tr.momentum,
+                run_name="weak-rules", min_component_voxels=mcv, refine=refine))
+            eps[sid] = res.epsilon
             for k in new:
-                new[k] = new[k] + (weights[sid] / total) * res.state[k]
+                new[k] = new[k] + (weights[sid] / total) * res.shared[k]
         for k in g:  # FedAvgM (Hsu et al. 2019), server learning rate 1
             mom[k] = beta * mom[k] + (g[k] - new[k])
             g[k] = (g[k] - mom[k]).astype(g[k].dtype)
@@ -108,7 +109,7 @@ def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: i
     model = build_segmenter(scenario.model, scenario.data)
     load_state(model, best[2])
     model.eval()
-    out = {"round": best[1], "dice": {}, "lesions": {}}
+    out = {"round": best[1], "dice": {}, "lesions": {}, "epsilon": eps}
     for sid, sess in sessions.items():
         ts = sess.test_set
         out["dice"][sid] = evaluate_state(build_segmenter(scenario.model, scenario.data), best[2], ts,
@@ -126,16 +127,16 @@ def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: i
     return out
 
 
-def _task(args: tuple[str, int, str, dict, bool, int, str]) -> tuple[int, str, dict, float]:
+def _task(args: tuple[str, int, str, dict, bool, int, str, bool]) -> tuple[int, str, dict, float]:
     """One (seed, arm) run in a worker process."""
-    config, seed, name, over, full, rounds, tmp = args
+    config, seed, name, over, full, rounds, tmp, dp = args
     torch.set_num_threads(1)
     base = parse_model(ScenarioConfig, yaml.safe_load(Path(config).read_text()))
     scenario = base.model_copy(update={"seed": seed})
     if full:
         scenario = full_mask_variant(scenario)
     t0 = time.perf_counter()
-    res = federate(scenario, over, Path(tmp) / f"s{seed}-{name}", rounds)
+    res = federate(scenario, over, Path(tmp) / f"s{seed}-{name}", rounds, dp)
     return seed, name, res, time.perf_counter() - t0
 
 
@@ -146,6 +147,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="default: the scenario's")
     ap.add_argument("--full", action="store_true", help="also the arm with every site given full masks")
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (one core each)")
+    ap.add_argument("--dp", choices=["on", "off"], default="off",
+                    help="on: every site trains under DP-SGD at the scenario's privacy settings")
     ap.add_argument("--variants", nargs="+", default=["committed={}"],
                     help="NAME='{JSON weak options}', applied on top of the scenario's train.weak")
     args = ap.parse_args()
@@ -161,19 +164,20 @@ def main() -> None:
     rounds = args.rounds or base.rounds
     image_ids = [s.id for s in base.sites if s.label_regime == LabelRegime.IMAGE]
     arms = list(variants.items()) + ([("full masks", {})] if args.full else [])
-    print(f"scenario {args.config}: 2D sites only, DP off, FedAvgM in-process, {rounds} rounds, "
+    print(f"scenario {args.config}: 2D sites only, DP {args.dp}, FedAvgM in-process, {rounds} rounds, "
           f"seeds {args.seeds}; image-level sites {image_ids}", flush=True)
     results: dict[tuple[int, str], dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        tasks = [(args.config, seed, name, over, name == "full masks", rounds, tmp)
+        tasks = [(args.config, seed, name, over, name == "full masks", rounds, tmp, args.dp == "on")
                  for seed in args.seeds for name, over in arms]
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(args.jobs) as pool:
             for seed, name, res, wall in pool.imap_unordered(_task, tasks):
                 results[seed, name] = res
                 dice = " / ".join(f"{d:.3f}" for d in res["dice"].values())
-                print(f"seed {seed} {name:12s} round {res['round']:2d} test Dice {dice} ({wall:.0f} s)",
-                      flush=True)
+                eps = max((e for e in res["epsilon"].values() if e is not None), default=None)
+                print(f"seed {seed} {name:12s} round {res['round']:2d} test Dice {dice} ({wall:.0f} s"
+                      + (f", max epsilon {eps:.2f})" if eps is not None else ")"), flush=True)
                 for sid, les in res["lesions"].items():
                     print(f"    {sid:20s} {les}", flush=True)
     print(f"\nmean over seeds {args.seeds} of the image-level sites' test Dice "
