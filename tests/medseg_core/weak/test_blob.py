@@ -1,19 +1,16 @@
-"""The blob prior on positives' pseudo-background (``train.weak.bg_blob``)."""
+"""The blob prior on positives' pseudo-background (``train.weak.bg_blob``; training
+under DP with it: ``test_refine.py``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
 
 from medseg_core.config import ScenarioConfig, WeakConfig, parse_model
 from medseg_core.data.slices import IGNORE_LABEL
-from medseg_core.sites import materialise_site
 from medseg_core.training.session import build_segmenter
-from medseg_core.training.site import RoundRequest, SiteSession
 from medseg_core.weak import WeakSegLoss, WeakSettings, pseudo_masks
 from medseg_core.weak.pseudo import blob_map, difference_of_gaussians
 
@@ -85,24 +82,3 @@ def test_blob_options_are_checked(bad: dict) -> None:
         WeakConfig(**bad)
     if "blob_sigmas" in bad:
         assert "blob_sigmas must be [inner, outer]" in str(err.value) and "Fix" in str(err.value)
-
-
-def test_image_and_bag_sites_train_under_dp_with_the_blob_prior(tmp_path: Path) -> None:
-    weak = WeakConfig(bg_blob=0.5, mil_weight=0.2)
-    for regime, extra, model in (
-        ("image", {}, {"weak_head": "cam"}),
-        ("bag", {"dims": 3, "depth": 4}, {"weak_head": "cam", "mil_pooling": "attention"}),
-    ):
-        scenario = parse_model(ScenarioConfig, {
-            "sites": [{"id": regime, "n_train": 10, "n_test": 4, "label_regime": regime,
-                       "lesion_prevalence": 0.5, **extra}],
-            "model": {"channels": [8, 16], "strides": [2], "norm_groups": 4, **model},
-            "data": {"image_size": 32, "val_fraction": 0.3}, "privacy": {"epsilon": 8.0}})
-        site = materialise_site(scenario.sites[0], scenario, tmp_path / regime)
-        sess = SiteSession(site, model_cfg=scenario.model, data_cfg=scenario.data, weak_cfg=weak)
-        glob = {k: v.detach().numpy() for k, v in
-                build_segmenter(sess.model_cfg, sess.data_cfg).state_dict().items()}
-        out = sess.train_round(glob, RoundRequest(server_round=1, total_rounds=2, local_epochs=1,
-                                                  lr=0.05, batch_size=4, optimizer="sgd"))
-        assert np.isfinite(out.fit.loss) and out.epsilon is not None and 0 < out.epsilon <= 8.0
-        assert any(not np.array_equal(out.shared[k], glob[k]) for k in out.shared)

@@ -100,10 +100,14 @@ def test_weak_loss_with_refinement_is_per_sample_and_differs_from_without() -> N
     assert float(plain(model(x), (labels, classes))) != pytest.approx(float(batch), rel=1e-6)
 
 
-def test_image_and_bag_sites_train_under_dp_with_refinement(tmp_path: Path) -> None:
-    """... and with the CAM's smooth-max pooling (image loss and MIL negatives)."""
-    weak = WeakConfig(refine="pamr", bg_max_p=0.2, pseudo_fg="decoder", fg_floor=0.5,
-                      cam_pooling="lse")
+@pytest.mark.parametrize("weak", [
+    # refinement, and the CAM's smooth-max pooling (image loss and MIL negatives)
+    WeakConfig(refine="pamr", bg_max_p=0.2, pseudo_fg="decoder", fg_floor=0.5, cam_pooling="lse"),
+    # the blob prior on positives' background (reads the model's input, per sample)
+    WeakConfig(bg_blob=0.5, mil_weight=0.2),
+], ids=["refine+lse", "blob"])
+def test_image_and_bag_sites_train_under_dp_with_pseudo_mask_options(tmp_path: Path,
+                                                                     weak: WeakConfig) -> None:
     for regime, extra, model in (
         ("image", {}, {"weak_head": "cam"}),
         ("bag", {"dims": 3, "depth": 4}, {"weak_head": "cam", "mil_pooling": "attention"}),
