@@ -3,7 +3,6 @@ under DP with it: ``test_refine.py``)."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from pydantic import ValidationError
