@@ -233,9 +233,6 @@ class WeakConfig(_Strict):
     bg_blob: float | None = Field(default=None, gt=0.0)
     blob_sigmas: tuple[float, float] = (1.0, 4.0)
     blob_dilate: int = Field(default=2, ge=0, le=16)
-    # a positive's pseudo-foreground is kept only inside that blob map too (a
-    # lesion is a focal abnormality; needs bg_blob)
-    fg_in_blob: bool = False
     # a positive whose pseudo-foreground covers more than this fraction of the image
     # gets none (ignored, not background): an untrained decoder's p ~ 0.5 everywhere
     # is not a lesion (None: no limit)
@@ -287,15 +284,6 @@ class WeakConfig(_Strict):
                 "it out (no size prior)"
             )
         return v
-
-    @model_validator(mode="after")
-    def _fg_in_blob_needs_a_threshold(self) -> WeakConfig:
-        if self.fg_in_blob and self.bg_blob is None:
-            raise ValueError(
-                "train.weak.fg_in_blob: true needs train.weak.bg_blob (the blob threshold); got "
-                "bg_blob unset. Fix: set bg_blob (e.g. 0.5) or fg_in_blob: false"
-            )
-        return self
 
     @field_validator("blob_sigmas")
     @classmethod

@@ -170,13 +170,6 @@ def pseudo_masks(
     splits the blob map at threshold 0.5 covers most lesion pixels and a
     small share of all pixels (``benchmarks/weak_rules.py`` prints both).
 
-    With ``fg_in_blob`` (needs ``bg_blob``) the pseudo-foreground is kept only
-    inside the same blob map: a pixel is taught as lesion only where the image
-    shows a focal abnormality. Under DP the decoder's early predictions are
-    speckled, and the decoder rule (``pseudo_fg="decoder"``) taught that
-    speckle as lesion until validation fell below the empty prediction
-    (README, "Weak labels").
-
     With ``fg_max_fraction`` set, an image whose pseudo-foreground covers
     more than that fraction of it gets none (those pixels are ignored, not
     background): a lesion-sized region is plausible, half the image is not.
@@ -199,7 +192,7 @@ def pseudo_masks(
         ``cam_bootstrap``, ``pseudo_fg``, ``fg_floor``, ``grow``,
         ``bg_margin``, ``refine``, ``pamr_dilations``, ``pamr_iterations``,
         ``bg_max_p``, ``bg_source``, ``bg_blob``, ``blob_sigmas``, ``blob_dilate``,
-        ``fg_in_blob``, ``fg_max_fraction`` (no other field is read).
+        ``fg_max_fraction`` (no other field is read).
     cam_flipped
         CAM of the horizontally flipped images (flipped back inside), or None.
     image
@@ -235,12 +228,10 @@ def pseudo_masks(
         background = (p_fg < (0.2 if s.bg_max_p is None else s.bg_max_p)) & found
     else:
         raise ValueError(f"unknown pseudo-background source {s.bg_source!r}; valid: ['cam', 'decoder']")
-    blobs = None
     if s.bg_blob is not None:
         if image is None:
             raise ValueError("pseudo_masks(bg_blob=...) needs the input images")
-        blobs = blob_map(image, s.bg_blob, s.blob_sigmas, s.blob_dilate)
-        background = background & ~blobs
+        background = background & ~blob_map(image, s.bg_blob, s.blob_sigmas, s.blob_dilate)
     if s.bg_margin > 0:
         near = F.max_pool2d((p_fg >= 0.5).to(p_fg.dtype), 2 * s.bg_margin + 1, stride=1,
                             padding=s.bg_margin) > 0
@@ -259,10 +250,6 @@ def pseudo_masks(
         raise ValueError(f"unknown pseudo-foreground source {s.pseudo_fg!r}; valid: ['agree', 'decoder']")
     if s.grow is not None:
         fg = _grow(fg, (p_fg >= s.grow) & (rel >= s.tau_bg), grow_steps)
-    if s.fg_in_blob:
-        if blobs is None:
-            raise ValueError("pseudo_masks(fg_in_blob=True) needs bg_blob (the blob threshold)")
-        fg = fg & blobs
     if s.fg_max_fraction is not None:
         implausible = fg.flatten(1).float().mean(dim=1) > s.fg_max_fraction
         fg = fg & ~implausible[:, None, None, None]

@@ -49,7 +49,6 @@ class WeakSettings:
     bg_blob: float | None = None  # pixels of image blobs (|DoG| above this, z-units) are never background
     blob_sigmas: tuple[float, float] = (1.0, 4.0)  # the DoG's inner and outer Gaussian (px)
     blob_dilate: int = 2  # the blob region grows by this many px (lesion rims)
-    fg_in_blob: bool = False  # pseudo-foreground only inside the blob map (needs bg_blob)
     fg_max_fraction: float | None = None  # a larger pseudo-foreground is dropped (ignored)
     pseudo_fg: str = "agree"  # "agree": CAM and decoder; "decoder": the decoder's own top region
     fg_floor: float = 0.2  # "decoder": minimum foreground probability of a pseudo-foreground pixel

@@ -81,24 +81,3 @@ def test_blob_options_are_checked(bad: dict) -> None:
         WeakConfig(**bad)
     if "blob_sigmas" in bad:
         assert "blob_sigmas must be [inner, outer]" in str(err.value) and "Fix" in str(err.value)
-
-
-def test_pseudo_foreground_inside_the_blob_map_only() -> None:
-    """An early, noisy decoder fires on the dark lesion and on plain tissue: with
-    ``fg_in_blob`` only the lesion (a blob) is taught as foreground; the tissue
-    patch is left to the background rules."""
-    x = _organ_with_two_lesions()
-    cam = torch.zeros(1, 1, 6, 6)
-    seg = torch.zeros(1, 2, 48, 48)
-    seg[:, 0] = 3.0
-    seg[0, 1, 30:35, 30:35] = 6.0  # on the dark lesion
-    seg[0, 1, 40:45, 2:7] = 6.0  # on plain tissue
-    base = dict(pseudo_fg="decoder", fg_floor=0.5, bg_blob=0.5)
-    free = pseudo_masks(cam, seg, WeakSettings(**base), image=x)[0, 0]
-    assert bool((free[40:45, 2:7] == 1).all()) and bool((free[30:35, 30:35] == 1).all())
-    s = WeakSettings.from_config(WeakConfig(**base, fg_in_blob=True))
-    pm = pseudo_masks(cam, seg, s, image=x)[0, 0]
-    assert bool((pm[30:35, 30:35] == 1).all())
-    assert int((pm[40:45, 2:7] == 1).sum()) == 0
-    with pytest.raises(ValidationError, match="fg_in_blob: true needs train.weak.bg_blob.*Fix"):
-        WeakConfig(fg_in_blob=True)
