@@ -43,7 +43,6 @@ import json
 import multiprocessing
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +52,7 @@ import yaml
 from _common import ROOT
 from pseudo_masks import per_lesion
 
-from medseg_core.config import LabelRegime, ScenarioConfig, parse_model
+from medseg_core.config import LabelRegime, ScenarioConfig, WeakConfig, parse_model
 from medseg_core.sites import materialise_site
 from medseg_core.training.session import build_segmenter, evaluate_state, load_state
 from medseg_core.training.site import RoundRequest, SiteSession
@@ -66,13 +65,13 @@ def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: i
     sessions: dict[str, SiteSession] = {}
     weights: dict[str, float] = {}
     regime_w = scenario.strategy.regime_weights or {}
+    # the variant's options, validated as a scenario's train.weak would be
+    weak_cfg = parse_model(WeakConfig, {**scenario.train.weak.model_dump(), **weak_over})
     for spec in scenario.sites:
         if getattr(spec, "dims", 2) != 2 or spec.label_regime == LabelRegime.BAG:
             continue
         site = materialise_site(spec, scenario, workdir, dp_enabled=dp)
-        sess = SiteSession(site, model_cfg=scenario.model, data_cfg=scenario.data,
-                           weak_cfg=scenario.train.weak)
-        sess.weak_settings = replace(sess.weak_settings, **weak_over)
+        sess = SiteSession(site, model_cfg=scenario.model, data_cfg=scenario.data, weak_cfg=weak_cfg)
         sessions[spec.id] = sess
         weights[spec.id] = len(sess.train_set) * regime_w.get(spec.label_regime, 1.0)
     total = sum(weights.values())
