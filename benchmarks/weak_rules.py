@@ -53,6 +53,7 @@ from _common import ROOT
 from pseudo_masks import per_lesion
 
 from medseg_core.config import LabelRegime, ScenarioConfig, WeakConfig, parse_model
+from medseg_core.errors import ConfigError
 from medseg_core.sites import materialise_site
 from medseg_core.training.session import build_segmenter, evaluate_state, load_state
 from medseg_core.training.site import RoundRequest, SiteSession
@@ -160,6 +161,11 @@ def main() -> None:
             raise SystemExit(f"--variants {v!r}: not NAME='{{JSON}}' ({exc}); "
                              "fix: e.g. blob='{\"bg_blob\": 0.5}'") from exc
     base = parse_model(ScenarioConfig, yaml.safe_load(Path(args.config).read_text()))
+    for name, over in variants.items():  # refuse a bad variant before any run starts
+        try:
+            parse_model(WeakConfig, {**base.train.weak.model_dump(), **over})
+        except ConfigError as exc:
+            raise SystemExit(f"--variants {name}: {exc}") from exc
     rounds = args.rounds or base.rounds
     image_ids = [s.id for s in base.sites if s.label_regime == LabelRegime.IMAGE]
     arms = list(variants.items()) + ([("full masks", {})] if args.full else [])
