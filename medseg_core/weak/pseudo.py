@@ -70,17 +70,6 @@ def blob_map(image: Tensor, threshold: float, sigmas: tuple[float, float] = (1.0
     return dog
 
 
-def _grow(fg: Tensor, allowed: Tensor, steps: int) -> Tensor:
-    """``fg`` grown one 8-connected ring per step into ``allowed`` pixels, for at
-    most ``steps`` steps."""
-    for _ in range(steps):
-        grown = fg | (F.max_pool2d(fg.to(torch.float32), 3, stride=1, padding=1) > 0) & allowed
-        if torch.equal(grown, fg):
-            break
-        fg = grown
-    return fg
-
-
 @torch.no_grad()
 def pseudo_masks(
     cam: Tensor, seg_logits: Tensor, s: WeakSettings, *, cam_flipped: Tensor | None = None,
@@ -249,7 +238,12 @@ def pseudo_masks(
     else:
         raise ValueError(f"unknown pseudo-foreground source {s.pseudo_fg!r}; valid: ['agree', 'decoder']")
     if s.grow is not None:
-        fg = _grow(fg, (p_fg >= s.grow) & (rel >= s.tau_bg), grow_steps)
+        allowed = (p_fg >= s.grow) & (rel >= s.tau_bg)
+        for _ in range(grow_steps):
+            grown = fg | (F.max_pool2d(fg.to(p_fg.dtype), 3, stride=1, padding=1) > 0) & allowed
+            if torch.equal(grown, fg):
+                break
+            fg = grown
     if s.fg_max_fraction is not None:
         implausible = fg.flatten(1).float().mean(dim=1) > s.fg_max_fraction
         fg = fg & ~implausible[:, None, None, None]
