@@ -16,12 +16,13 @@ round for the mixed-regime scenario's three 2D sites without DP.
 
 For every variant (``NAME='{"weak option": value, ...}'``, applied on top
 of the scenario's ``train.weak``) and seed it prints the selected round,
-test Dice per site and, per site, the fraction of bright / dark test lesions
-the decoder detects (p >= 0.5 on >= 10 % of the lesion) and their mean pixel
-recall (``benchmarks/pseudo_masks.py``) and, for a variant with
-``bg_blob``, the share of lesion pixels and of all pixels its blob map
-covers. ``--full`` adds the arm with every
-site given full masks and prints weak / full per image-level site.
+the mean validation Dice of every round (a flood shows as a fall below the
+empty prediction's), test Dice per site and, per site, the fraction of
+bright / dark test lesions the decoder detects (p >= 0.5 on >= 10 % of the
+lesion) and their mean pixel recall (``benchmarks/pseudo_masks.py``) and,
+for a variant with ``bg_blob``, the share of lesion pixels and of all pixels
+its blob map covers. ``--full`` adds the arm with every site given full
+masks and prints weak / full per image-level site.
 
 It is a proxy: no 3D/MIL site (whose update the scenario down-weights to
 0.1), so its Dice is not the scenario's.
@@ -85,6 +86,7 @@ def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: i
     refine = scenario.evaluation.refine
     mcv = scenario.evaluation.min_component_voxels
     best: tuple[float, int, dict] = (-1.0, 0, g)
+    trajectory: list[float] = []
     eps: dict[str, float | None] = {}
     for r in range(1, rounds + 1):
         new = {k: np.zeros_like(v) for k, v in g.items()}
@@ -104,12 +106,13 @@ def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: i
                                num_classes=scenario.data.num_classes, min_component_voxels=mcv,
                                refine=refine).dice
                 for s in sessions.values() if s.val_set is not None]
+        trajectory.append(float(np.mean(vals)) if vals else float("nan"))
         if vals and float(np.mean(vals)) > best[0]:
             best = (float(np.mean(vals)), r, {k: v.copy() for k, v in g.items()})
     model = build_segmenter(scenario.model, scenario.data)
     load_state(model, best[2])
     model.eval()
-    out = {"round": best[1], "dice": {}, "lesions": {}, "epsilon": eps}
+    out = {"round": best[1], "dice": {}, "lesions": {}, "epsilon": eps, "val": trajectory}
     for sid, sess in sessions.items():
         ts = sess.test_set
         out["dice"][sid] = evaluate_state(build_segmenter(scenario.model, scenario.data), best[2], ts,
@@ -183,6 +186,7 @@ def main() -> None:
                 eps = max((e for e in res["epsilon"].values() if e is not None), default=None)
                 print(f"seed {seed} {name:12s} round {res['round']:2d} test Dice {dice} ({wall:.0f} s"
                       + (f", max epsilon {eps:.2f})" if eps is not None else ")"), flush=True)
+                print("    validation Dice by round " + " ".join(f"{v:.2f}" for v in res["val"]), flush=True)
                 for sid, les in res["lesions"].items():
                     print(f"    {sid:20s} {les}", flush=True)
     print(f"\nmean over seeds {args.seeds} of the image-level sites' test Dice "
