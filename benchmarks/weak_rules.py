@@ -24,6 +24,13 @@ for a variant with ``bg_blob``, the share of lesion pixels and of all pixels
 its blob map covers. ``--full`` adds the arm with every site given full
 masks and prints weak / full per image-level site.
 
+A variant may carry ``"gate": MARGIN`` (not a ``train.weak`` option; only
+this script has it): its positives' decoder terms train in a round only if
+the previous round's mean validation Dice beat the empty prediction's by at
+least MARGIN, a closed loop in place of the fixed ``positives_from_round``
+(closed in round 1, and again whenever the Dice falls back). It prints the
+rounds the gate was open.
+
 It is a proxy: no 3D/MIL site (whose update the scenario down-weights to
 0.1), so its Dice is not the scenario's.
 
@@ -44,6 +51,7 @@ import json
 import multiprocessing
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -56,14 +64,21 @@ from pseudo_masks import per_lesion
 from medseg_core.config import LabelRegime, ScenarioConfig, WeakConfig, parse_model
 from medseg_core.errors import ConfigError
 from medseg_core.sites import materialise_site
+from medseg_core.training.evaluation import case_has_lesion
 from medseg_core.training.session import build_segmenter, evaluate_state, load_state
 from medseg_core.training.site import RoundRequest, SiteSession
 from medseg_core.weak.pseudo import blob_map
 from simulations.runner import full_mask_variant
 
 
-def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: int, dp: bool) -> dict:
-    """One in-process FedAvgM run of the scenario's 2D sites; its selected round and scores."""
+def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: int, dp: bool,
+             gate: float | None = None) -> dict:
+    """One in-process FedAvgM run of the scenario's 2D sites; its selected round and scores.
+
+    ``gate``: the positives' decoder terms train in a round only if the
+    previous round's mean validation Dice beat the empty prediction's by at
+    least this much (closed in round 1; it closes again when the Dice falls
+    back), instead of from ``positives_from_round`` on."""
     sessions: dict[str, SiteSession] = {}
     weights: dict[str, float] = {}
     regime_w = scenario.strategy.regime_weights or {}
@@ -87,9 +102,16 @@ def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: i
     mcv = scenario.evaluation.min_component_voxels
     best: tuple[float, int, dict] = (-1.0, 0, g)
     trajectory: list[float] = []
+    gate_open: list[bool] = []
+    margin = -1.0  # validation Dice minus the empty prediction's, last round
     eps: dict[str, float | None] = {}
     for r in range(1, rounds + 1):
         new = {k: np.zeros_like(v) for k, v in g.items()}
+        if gate is not None:
+            gate_open.append(margin >= gate)
+            for sess in sessions.values():
+                sess.weak_settings = replace(sess.weak_settings,
+                                             positives_from_round=1 if gate_open[-1] else rounds + 1)
         for sid, sess in sessions.items():
             # the site runtime's own round (DP plan, accountant, seeds) from the global weights
             res = sess.train_round(g, RoundRequest(
@@ -102,17 +124,22 @@ def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: i
         for k in g:  # FedAvgM (Hsu et al. 2019), server learning rate 1
             mom[k] = beta * mom[k] + (g[k] - new[k])
             g[k] = (g[k] - mom[k]).astype(g[k].dtype)
+        with_val = [s for s in sessions.values() if s.val_set is not None]
         vals = [evaluate_state(build_segmenter(scenario.model, scenario.data), g, s.val_set,
                                num_classes=scenario.data.num_classes, min_component_voxels=mcv,
                                refine=refine).dice
-                for s in sessions.values() if s.val_set is not None]
+                for s in with_val]
+        if vals:  # an all-background prediction scores the share of cases without a lesion
+            empty = [1.0 - float(case_has_lesion(s.val_set).float().mean()) for s in with_val]
+            margin = float(np.mean(vals)) - float(np.mean(empty))
         trajectory.append(float(np.mean(vals)) if vals else float("nan"))
         if vals and float(np.mean(vals)) > best[0]:
             best = (float(np.mean(vals)), r, {k: v.copy() for k, v in g.items()})
     model = build_segmenter(scenario.model, scenario.data)
     load_state(model, best[2])
     model.eval()
-    out = {"round": best[1], "dice": {}, "lesions": {}, "epsilon": eps, "val": trajectory}
+    out = {"round": best[1], "dice": {}, "lesions": {}, "epsilon": eps, "val": trajectory,
+           "gate": gate_open}
     for sid, sess in sessions.items():
         ts = sess.test_set
         out["dice"][sid] = evaluate_state(build_segmenter(scenario.model, scenario.data), best[2], ts,
@@ -139,7 +166,9 @@ def _task(args: tuple[str, int, str, dict, bool, int, str, bool]) -> tuple[int, 
     if full:
         scenario = full_mask_variant(scenario)
     t0 = time.perf_counter()
-    res = federate(scenario, over, Path(tmp) / f"s{seed}-{name}", rounds, dp)
+    over = dict(over)
+    gate = over.pop("gate", None)
+    res = federate(scenario, over, Path(tmp) / f"s{seed}-{name}", rounds, dp, gate=gate)
     return seed, name, res, time.perf_counter() - t0
 
 
@@ -165,8 +194,13 @@ def main() -> None:
                              "fix: e.g. blob='{\"bg_blob\": 0.5}'") from exc
     base = parse_model(ScenarioConfig, yaml.safe_load(Path(args.config).read_text()))
     for name, over in variants.items():  # refuse a bad variant before any run starts
+        gate = over.get("gate")
+        if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, float))):
+            raise SystemExit(f"--variants {name}: gate must be a number (a validation Dice margin "
+                             f"over the empty prediction's), got {gate!r}; fix: e.g. \"gate\": 0.1")
         try:
-            parse_model(WeakConfig, {**base.train.weak.model_dump(), **over})
+            parse_model(WeakConfig, {**base.train.weak.model_dump(),
+                                     **{k: v for k, v in over.items() if k != "gate"}})
         except ConfigError as exc:
             raise SystemExit(f"--variants {name}: {exc}") from exc
     rounds = args.rounds or base.rounds
@@ -186,7 +220,9 @@ def main() -> None:
                 eps = max((e for e in res["epsilon"].values() if e is not None), default=None)
                 print(f"seed {seed} {name:12s} round {res['round']:2d} test Dice {dice} ({wall:.0f} s"
                       + (f", max epsilon {eps:.2f})" if eps is not None else ")"), flush=True)
-                print("    validation Dice by round " + " ".join(f"{v:.2f}" for v in res["val"]), flush=True)
+                print("    validation Dice by round " + " ".join(f"{v:.2f}" for v in res["val"])
+                      + ("; gate open in rounds " + str([i + 1 for i, o in enumerate(res["gate"]) if o])
+                         if res["gate"] else ""), flush=True)
                 for sid, les in res["lesions"].items():
                     print(f"    {sid:20s} {les}", flush=True)
     print(f"\nmean over seeds {args.seeds} of the image-level sites' test Dice "
