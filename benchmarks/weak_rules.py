@@ -104,6 +104,10 @@ def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: i
     trajectory: list[float] = []
     gate_open: list[bool] = []
     margin = -1.0  # validation Dice minus the empty prediction's, last round
+    with_val = [s for s in sessions.values() if s.val_set is not None]
+    # an all-background prediction scores the share of validation cases without a lesion
+    empty = float(np.mean([float((~case_has_lesion(s.val_set)).float().mean()) for s in with_val])) \
+        if with_val else float("nan")
     eps: dict[str, float | None] = {}
     for r in range(1, rounds + 1):
         new = {k: np.zeros_like(v) for k, v in g.items()}
@@ -124,17 +128,16 @@ def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: i
         for k in g:  # FedAvgM (Hsu et al. 2019), server learning rate 1
             mom[k] = beta * mom[k] + (g[k] - new[k])
             g[k] = (g[k] - mom[k]).astype(g[k].dtype)
-        with_val = [s for s in sessions.values() if s.val_set is not None]
         vals = [evaluate_state(build_segmenter(scenario.model, scenario.data), g, s.val_set,
                                num_classes=scenario.data.num_classes, min_component_voxels=mcv,
                                refine=refine).dice
                 for s in with_val]
-        if vals:  # an all-background prediction scores the share of cases without a lesion
-            empty = [1.0 - float(case_has_lesion(s.val_set).float().mean()) for s in with_val]
-            margin = float(np.mean(vals)) - float(np.mean(empty))
-        trajectory.append(float(np.mean(vals)) if vals else float("nan"))
-        if vals and float(np.mean(vals)) > best[0]:
-            best = (float(np.mean(vals)), r, {k: v.copy() for k, v in g.items()})
+        mean_val = float(np.mean(vals)) if vals else float("nan")
+        trajectory.append(mean_val)
+        if vals:
+            margin = mean_val - empty
+            if mean_val > best[0]:
+                best = (mean_val, r, {k: v.copy() for k, v in g.items()})
     model = build_segmenter(scenario.model, scenario.data)
     load_state(model, best[2])
     model.eval()
