@@ -24,12 +24,12 @@ for a variant with ``bg_blob``, the share of lesion pixels and of all pixels
 its blob map covers. ``--full`` adds the arm with every site given full
 masks and prints weak / full per image-level site.
 
-A variant may carry ``"gate": MARGIN`` (not a ``train.weak`` option; only
-this script has it): its positives' decoder terms train in a round only if
-the previous round's mean validation Dice beat the empty prediction's by at
-least MARGIN, a closed loop in place of the fixed ``positives_from_round``
-(closed in round 1, and again whenever the Dice falls back). It prints the
-rounds the gate was open.
+A variant with ``"positives_gate": MARGIN`` runs the closed-loop warm-up
+as the federation does (``server/federation.py``, the same
+:func:`medseg_core.weak.positives_gate_open`): its positives' decoder terms
+train in a round only if the previous round's validation Dice beat the
+empty prediction's by at least MARGIN. It prints the rounds the gate was
+open.
 
 It is a proxy: no 3D/MIL site (whose update the scenario down-weights to
 0.1), so its Dice is not the scenario's.
@@ -51,7 +51,6 @@ import json
 import multiprocessing
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -67,18 +66,13 @@ from medseg_core.sites import materialise_site
 from medseg_core.training.evaluation import case_has_lesion
 from medseg_core.training.session import build_segmenter, evaluate_state, load_state
 from medseg_core.training.site import RoundRequest, SiteSession
+from medseg_core.weak import positives_gate_open
 from medseg_core.weak.pseudo import blob_map
 from simulations.runner import full_mask_variant
 
 
-def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: int, dp: bool,
-             gate: float | None = None) -> dict:
-    """One in-process FedAvgM run of the scenario's 2D sites; its selected round and scores.
-
-    ``gate``: the positives' decoder terms train in a round only if the
-    previous round's mean validation Dice beat the empty prediction's by at
-    least this much (closed in round 1; it closes again when the Dice falls
-    back), instead of from ``positives_from_round`` on."""
+def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: int, dp: bool) -> dict:
+    """One in-process FedAvgM run of the scenario's 2D sites; its selected round and scores."""
     sessions: dict[str, SiteSession] = {}
     weights: dict[str, float] = {}
     regime_w = scenario.strategy.regime_weights or {}
@@ -103,25 +97,26 @@ def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: i
     best: tuple[float, int, dict] = (-1.0, 0, g)
     trajectory: list[float] = []
     gate_open: list[bool] = []
-    margin = -1.0  # validation Dice minus the empty prediction's, last round
     with_val = [s for s in sessions.values() if s.val_set is not None]
+    # weighted by validation slices, as the federation's validation Dice is
+    n_val = np.array([len(s.val_set) for s in with_val], dtype=float)
     # an all-background prediction scores the share of validation cases without a lesion
-    empty = float(np.mean([float((~case_has_lesion(s.val_set)).float().mean()) for s in with_val])) \
-        if with_val else float("nan")
+    empty = float(np.average([float((~case_has_lesion(s.val_set)).float().mean())
+                              for s in with_val], weights=n_val)) if with_val else None
+    mean_val: float | None = None
     eps: dict[str, float | None] = {}
     for r in range(1, rounds + 1):
         new = {k: np.zeros_like(v) for k, v in g.items()}
-        if gate is not None:
-            gate_open.append(margin >= gate)
-            for sess in sessions.values():
-                sess.weak_settings = replace(sess.weak_settings,
-                                             positives_from_round=1 if gate_open[-1] else rounds + 1)
+        is_open = positives_gate_open(mean_val, empty, weak_cfg.positives_gate)
+        if is_open is not None:
+            gate_open.append(is_open)
         for sid, sess in sessions.items():
             # the site runtime's own round (DP plan, accountant, seeds) from the global weights
             res = sess.train_round(g, RoundRequest(
                 server_round=r, total_rounds=rounds, local_epochs=tr.local_epochs, lr=tr.lr,
                 batch_size=tr.batch_size, optimizer=tr.optimizer, momentum=tr.momentum,
-                run_name="weak-rules", min_component_voxels=mcv, refine=refine))
+                run_name="weak-rules", min_component_voxels=mcv, refine=refine,
+                positives_gate_open=is_open))
             eps[sid] = res.epsilon
             for k in new:
                 new[k] = new[k] + (weights[sid] / total) * res.shared[k]
@@ -132,10 +127,9 @@ def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: i
                                num_classes=scenario.data.num_classes, min_component_voxels=mcv,
                                refine=refine).dice
                 for s in with_val]
-        mean_val = float(np.mean(vals)) if vals else float("nan")
-        trajectory.append(mean_val)
-        if vals:
-            margin = mean_val - empty
+        mean_val = float(np.average(vals, weights=n_val)) if vals else None
+        trajectory.append(mean_val if mean_val is not None else float("nan"))
+        if mean_val is not None:
             if mean_val > best[0]:
                 best = (mean_val, r, {k: v.copy() for k, v in g.items()})
     model = build_segmenter(scenario.model, scenario.data)
@@ -169,9 +163,7 @@ def _task(args: tuple[str, int, str, dict, bool, int, str, bool]) -> tuple[int, 
     if full:
         scenario = full_mask_variant(scenario)
     t0 = time.perf_counter()
-    over = dict(over)
-    gate = over.pop("gate", None)
-    res = federate(scenario, over, Path(tmp) / f"s{seed}-{name}", rounds, dp, gate=gate)
+    res = federate(scenario, over, Path(tmp) / f"s{seed}-{name}", rounds, dp)
     return seed, name, res, time.perf_counter() - t0
 
 
@@ -197,13 +189,8 @@ def main() -> None:
                              "fix: e.g. blob='{\"bg_blob\": 0.5}'") from exc
     base = parse_model(ScenarioConfig, yaml.safe_load(Path(args.config).read_text()))
     for name, over in variants.items():  # refuse a bad variant before any run starts
-        gate = over.get("gate")
-        if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, float))):
-            raise SystemExit(f"--variants {name}: gate must be a number (a validation Dice margin "
-                             f"over the empty prediction's), got {gate!r}; fix: e.g. \"gate\": 0.1")
         try:
-            parse_model(WeakConfig, {**base.train.weak.model_dump(),
-                                     **{k: v for k, v in over.items() if k != "gate"}})
+            parse_model(WeakConfig, {**base.train.weak.model_dump(), **over})
         except ConfigError as exc:
             raise SystemExit(f"--variants {name}: {exc}") from exc
     rounds = args.rounds or base.rounds

@@ -72,6 +72,21 @@ def _config(msg: Message, required: Mapping[str, type]) -> ConfigRecord:
     return cfg
 
 
+def _gate(cfg: ConfigRecord) -> bool | None:
+    """The weak positives' closed-loop warm-up in a train or personalize
+    message (``train.weak.positives_gate``); None where the run has none."""
+    if keys.POSITIVES_GATE not in cfg:
+        return None
+    v = cfg[keys.POSITIVES_GATE]
+    if not isinstance(v, bool):
+        raise ConfigError(
+            f"server message config {keys.POSITIVES_GATE!r} must be a bool, got "
+            f"{type(v).__name__} {v!r}; upgrade the server and the sites to the same "
+            "medseg-fl version"
+        )
+    return v
+
+
 def _error_reply(msg: Message, code: int, exc: Exception) -> Message:
     logger.warning("refusing %s: %s", msg.metadata.message_type, exc)
     return Message(Error(code=code, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
@@ -128,6 +143,7 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 min_component_voxels=int(cfg.get(keys.MIN_COMPONENT_VOXELS, 0)),
                 refine=str(cfg.get(keys.EVAL_REFINE, "none")),
                 reserve_epochs=int(cfg.get(keys.PERSONALIZE_EPOCHS, 0)),
+                positives_gate_open=_gate(cfg),
             )
             global_state = record_to_state(msg.content.array_records[keys.ARRAYS])
             if req.server_round in site.drop_rounds:  # simulated outage (tests, scenarios)
@@ -242,6 +258,7 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 batch_size=int(cfg["batch-size"]),
                 min_component_voxels=int(cfg.get(keys.MIN_COMPONENT_VOXELS, 0)),
                 refine=str(cfg.get(keys.EVAL_REFINE, "none")),
+                positives_gate_open=_gate(cfg),
             )
         except Exception as exc:  # noqa: BLE001
             return _refusal(msg, exc, "personalisation")

@@ -244,6 +244,14 @@ class WeakConfig(_Strict):
     # first round in which positives' pseudo-mask and size terms train the decoder
     # (before it, weak cases train the CAM/MIL heads and their negatives only)
     positives_from_round: int = Field(default=1, ge=1)
+    # closed-loop warm-up: positives' decoder terms train in a round only if the
+    # previous round's validation Dice (the federation's, over the sites with
+    # masks) beat the all-background prediction's Dice on the same cases by at
+    # least this margin; closed in round 1, closed again whenever the Dice falls
+    # back. Under DP, pseudo-masks read from a decoder that has not learned
+    # lesions flooded the weak arm (README, "Stop 16"). None: off (the fixed
+    # positives_from_round alone); with both, both must allow it
+    positives_gate: float | None = Field(default=None, ge=0.0, lt=1.0)
     # weight of the weak cases' pixel terms (negatives' exact background, positives'
     # pseudo-masks and size prior) against a mask case's Dice + CE
     weak_weight: float = Field(default=1.0, ge=0.0)

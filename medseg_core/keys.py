@@ -30,6 +30,7 @@ EVAL_REFINE = "eval-refine"  # evaluation: post-processing of predictions ("none
 MIL_AUC = "mil-auc"  # bag sites: AUC of the MIL head's bag-level prediction
 PERSONALIZE_EPOCHS = "personalize-epochs"  # train: epochs whose DP budget to reserve; personalize: to run
 PERSONALIZED = "personalized"  # evaluate: with the site's personalised private layers
+POSITIVES_GATE = "positives-gate-open"  # train/personalize: the weak positives' closed-loop warm-up
 
 # MetricRecord keys sent by clients
 NUM_EXAMPLES = "num-examples"

@@ -40,10 +40,18 @@ from medseg_core.checkpoint import (
 from medseg_core.config import ScenarioConfig, StrategyConfig
 from medseg_core.store import RunStore
 from medseg_core.training.session import build_segmenter
+from medseg_core.weak import positives_gate_open
 
 from client.records import record_to_state, state_to_record
 from server.messaging import in_site_order, send, site_of, site_settings
-from server.phases import FederationOutcome, SiteResult, evaluate_sites, ledger_row, personalize_sites
+from server.phases import (
+    FederationOutcome,
+    SiteResult,
+    SplitScore,
+    evaluate_sites,
+    ledger_row,
+    personalize_sites,
+)
 from server.strategies import build_strategy
 from server.validation import validate_train_reply
 
@@ -98,11 +106,14 @@ def run_federation(
     config_json = json.loads(scenario.model_dump_json())
     state = initial_state(scenario)
     start = 1
+    gate = scenario.train.weak.positives_gate
+    last_val = SplitScore(None, None)  # the last round's validation (the positives' gate)
     if resume:
         last = latest_checkpoint(ckdir)
         if last is not None:
             ck = load_checkpoint(last)
             state, start = ck.arrays, ck.round + 1
+            last_val = SplitScore(ck.meta.get("val_dice"), ck.meta.get("val_empty_dice"))
             logger.info("resuming run %s after round %d", run_id, ck.round)
     store.start_run(
         run_id, name=scenario.name, config=config_json, versions=package_versions(),
@@ -112,6 +123,8 @@ def run_federation(
     arrays: ArrayRecord = state_to_record(state)
     node_sites: dict[int, str] = {}
     outcome = FederationOutcome(run_id=run_id, rounds=scenario.rounds)
+    gate_rounds = _gate_rounds_so_far(ckdir, start) if gate is not None else []
+    outcome.positives_rounds = gate_rounds if gate is not None else None
     timeout = scenario.strategy.round_timeout_s
 
     if scenario.evaluation.select == "best_val":
@@ -125,10 +138,17 @@ def run_federation(
         logger.info("round %d/%d: training", rnd, scenario.rounds)
         store.start_round(run_id, rnd)
         reference = record_to_state(arrays)
+        train_cfg = _train_config(scenario, run_id)
+        gate_open = positives_gate_open(last_val.dice, last_val.empty_dice, gate)
+        if gate_open is not None:
+            train_cfg[keys.POSITIVES_GATE] = gate_open
+            if gate_open:
+                gate_rounds.append(rnd)
+            logger.info("round %d: weak positives' decoder terms %s (validation Dice %s, "
+                        "empty prediction %s, gate %g)", rnd, "on" if gate_open else "off",
+                        _fmt(last_val.dice), _fmt(last_val.empty_dice), gate)
         replies = in_site_order(send(
-            grid,
-            strategy.configure_train(rnd, arrays, ConfigRecord(_train_config(scenario, run_id)), grid),
-            timeout,
+            grid, strategy.configure_train(rnd, arrays, ConfigRecord(train_cfg), grid), timeout,
         ), node_sites)
         accepted: list[Message] = []
         eps_round: list[float] = []
@@ -174,17 +194,19 @@ def run_federation(
         else:
             logger.warning("round %d: no update accepted; the global model is unchanged", rnd)
 
-        val_dice = evaluate_sites(
+        last_val = evaluate_sites(
             grid, strategy, scenario, run_id, rnd, rnd, arrays, "val", store, node_sites, outcome,
             timeout,
         )
+        val_dice = last_val.dice
         if scenario.evaluation.select == "last" or (
             val_dice is not None and (best_val is None or val_dice > best_val)
         ):
             best_round, best_val, best_arrays = rnd, val_dice, arrays
         ck = save_checkpoint(
             ckdir, round=rnd, arrays=record_to_state(arrays), config=config_json,
-            extra={"run_id": run_id},
+            extra={"run_id": run_id, "val_dice": val_dice, "val_empty_dice": last_val.empty_dice,
+                   "positives_gate_open": gate_open},
         )
         outcome.checkpoint = str(ck)
         total_n = sum(n for _, n in losses)
@@ -211,8 +233,10 @@ def run_federation(
               store, node_sites, outcome, timeout)
     if scenario.train.personalize.epochs:
         federated = {site: r.dice for site, r in outcome.sites.items()}
-        reports = personalize_sites(grid, scenario, run_id, best_round, best_arrays, store, node_sites,
-                               timeout)
+        # the empty prediction's Dice is the split's, the same every round
+        reports = personalize_sites(
+            grid, scenario, run_id, best_round, best_arrays, store, node_sites, timeout,
+            positives_gate_open(best_val, last_val.empty_dice, gate))
         evaluate_sites(grid, strategy, scenario, run_id, scenario.rounds, best_round, best_arrays,
                   "test", store, node_sites, outcome, timeout, personalized=True)
         for site, r in outcome.sites.items():
@@ -227,6 +251,21 @@ def run_federation(
     store.close()
     (out / "federated.json").write_text(json.dumps(outcome.to_json(), indent=2), encoding="utf-8")
     return outcome
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _gate_rounds_so_far(ckdir: Path, start: int) -> list[int]:
+    """The rounds before ``start`` (resume) in which the positives' gate was
+    open, from their checkpoints."""
+    rounds = []
+    for rnd in range(1, start):
+        path = ckdir / f"round_{rnd:04d}"
+        if path.is_dir() and load_checkpoint(path).meta.get("positives_gate_open"):
+            rounds.append(rnd)
+    return rounds
 
 
 def _best_so_far(store: RunStore, run_id: str, start: int) -> tuple[int, float | None]:

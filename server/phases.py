@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -19,7 +19,8 @@ from medseg_core.store import LedgerRow, RunStore
 
 from server.messaging import in_site_order, send, site_of, site_settings
 
-__all__ = ["FederationOutcome", "SiteResult", "evaluate_sites", "ledger_row", "personalize_sites"]
+__all__ = ["FederationOutcome", "SiteResult", "SplitScore", "evaluate_sites", "ledger_row",
+           "personalize_sites"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,16 @@ class SiteResult:
     personalization: dict[str, Any] | None = None
 
 
+class SplitScore(NamedTuple):
+    """A global model's score on one split of every site: the Dice weighted
+    by each site's scored slices, and the Dice an all-background prediction
+    scores on the same cases, weighted alike (None where no site scored, or
+    a scoring site did not report it)."""
+
+    dice: float | None
+    empty_dice: float | None
+
+
 @dataclass
 class FederationOutcome:
     """What a federated run produced."""
@@ -58,6 +69,9 @@ class FederationOutcome:
     rejected: int = 0
     checkpoint: str | None = None
     wall_seconds: float = 0.0
+    # train.weak.positives_gate: the rounds in which weak positives trained the
+    # decoder (None: the run has no gate)
+    positives_rounds: list[int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -79,11 +93,11 @@ def evaluate_sites(
     timeout: float,
     *,
     personalized: bool = False,
-) -> float | None:
+) -> SplitScore:
     """Evaluate the global model of ``model_round`` on every site's ``split``
     (each site merges in its private adaptation layers of that round, or
     with ``personalized`` its personalised ones where it has them);
-    returns the weighted Dice."""
+    returns the weighted Dice and the empty prediction's."""
     cfg = ConfigRecord({
         keys.EVAL_SPLIT: split,
         keys.RUN_NAME: run_id,
@@ -94,7 +108,7 @@ def evaluate_sites(
     })
     replies = in_site_order(send(grid, strategy.configure_evaluate(rnd, arrays, cfg, grid),
                                   timeout), node_sites)
-    num, den = 0.0, 0.0
+    num, num_empty, den = 0.0, 0.0, 0.0
     for node, reply in replies:
         site = site_of(reply, node_sites, node)
         if reply.has_error():
@@ -118,7 +132,8 @@ def evaluate_sites(
                                split=f"{split}+personalized" if personalized else split,
                                num_examples=n, dice=dice if n else None,
                                hd95=hd if math.isfinite(hd) else None)
-        num, den = num + dice * n, den + n
+        if n:  # a site with no masks on this split scores nothing (its empty Dice is NaN)
+            num, num_empty, den = num + dice * n, num_empty + empty * n, den + n
         if split == "test":
             outcome.sites[site] = SiteResult(
                 dice=dice if n else None, hd95=hd if math.isfinite(hd) else None,
@@ -129,7 +144,9 @@ def evaluate_sites(
                 dice_se=se if n and math.isfinite(se) else None,
                 personalized=bool(s.get(keys.PERSONALIZED, False)),
             )
-    return num / den if den else None
+    if not den:
+        return SplitScore(None, None)
+    return SplitScore(num / den, num_empty / den if math.isfinite(num_empty) else None)
 
 
 def personalize_sites(
@@ -141,9 +158,12 @@ def personalize_sites(
     store: RunStore,
     node_sites: dict[int, str],
     timeout: float,
+    positives_gate_open: bool | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Ask every site to personalise its private layers against the selected
     global model (``train.personalize``); returns each site's report.
+    ``positives_gate_open``: the weak positives' closed-loop warm-up after
+    ``model_round`` (None: the run has no gate).
 
     Replies carry metrics (and the DP spend) only. A site's DP spend is
     recorded in the ledger as round ``rounds + 1``, so the run's epsilon
@@ -157,6 +177,8 @@ def personalize_sites(
         "batch-size": scenario.train.batch_size,
         **site_settings(scenario),
     })
+    if positives_gate_open is not None:
+        cfg[keys.POSITIVES_GATE] = positives_gate_open
     content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: cfg})
     msgs = [Message(content=content, message_type="train.personalize", dst_node_id=node)
             for node in grid.get_node_ids()]

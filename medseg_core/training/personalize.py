@@ -71,10 +71,13 @@ def personal_store(state_dir: str | Path, run_name: str) -> AdaptationStore:
 def personalize(
     sess: SiteSession, global_state: Mapping[str, np.ndarray], run_name: str, model_round: int, *,
     epochs: int, lr: float, batch_size: int, min_component_voxels: int = 0, refine: str = "none",
+    positives_gate_open: bool | None = None,
 ) -> PersonalizeOutcome:
     """Fine-tune only ``sess``'s private layers against the global model of
     ``model_round`` for ``epochs`` epochs (Adam at ``lr``, the round's loss)
     and store the epoch with the best local validation Dice.
+    ``positives_gate_open``: the weak positives' closed-loop warm-up after
+    that round (``train.weak.positives_gate``; None: no gate).
 
     Raises
     ------
@@ -118,7 +121,7 @@ def personalize(
     accountant = sess.load_accountant() if site.dp_enabled else None
     plan = None if accountant is None else personalization_plan(
         sess, run_name, batch_size, epochs, accountant)
-    weak = sess.weak_settings.for_round(model_round) if sess.weak else None
+    weak = sess.weak_settings.for_round(model_round, positives_gate_open) if sess.weak else None
     steps = 0
     for epoch in range(1, epochs + 1):
         model = build_segmenter(sess.model_cfg, sess.data_cfg)  # fresh: no Opacus hooks

@@ -78,6 +78,9 @@ class RoundRequest:
     run_name: str = ""
     min_component_voxels: int = 0
     refine: str = "none"  # post-processing of the validation predictions (evaluation.refine)
+    # train.weak.positives_gate: whether this round trains the decoder on weak
+    # positives (None: the run has no gate)
+    positives_gate_open: bool | None = None
     # epochs of post-federation personalisation whose DP budget the rounds
     # leave free (train.personalize.epochs; 0: none)
     reserve_epochs: int = 0
@@ -321,13 +324,13 @@ class SiteSession:
     def personalize(
         self, global_state: Mapping[str, np.ndarray], run_name: str, model_round: int, *,
         epochs: int, lr: float, batch_size: int, min_component_voxels: int = 0,
-        refine: str = "none",
+        refine: str = "none", positives_gate_open: bool | None = None,
     ) -> PersonalizeOutcome:
         """Fine-tune only this site's private layers against the global model
         of ``model_round`` (:func:`medseg_core.training.personalize.personalize`)."""
         return personalize(self, global_state, run_name, model_round, epochs=epochs, lr=lr,
                            batch_size=batch_size, min_component_voxels=min_component_voxels,
-                           refine=refine)
+                           refine=refine, positives_gate_open=positives_gate_open)
 
     def fixed_noise_plan(self, accountant: object, sigma: float, q: float, steps: int,
                           what: str) -> RoundPrivacyPlan:
@@ -443,12 +446,13 @@ class SiteSession:
         if self.is_bag_site:
             result = fit_bags(model, self.train_bags, settings, privacy=plan, accountant=accountant,
                               secure_mode=self.site.secure_mode,
-                              weak=self.weak_settings.for_round(req.server_round))
+                              weak=self.weak_settings.for_round(req.server_round, req.positives_gate_open))
         else:
             result = fit(
                 model, self.train_set, settings, num_classes=self.data_cfg.num_classes,
                 privacy=plan, accountant=accountant, secure_mode=self.site.secure_mode,
-                weak=self.weak_settings.for_round(req.server_round) if self.weak else None,
+                weak=self.weak_settings.for_round(req.server_round, req.positives_gate_open)
+                if self.weak else None,
             )
         shared = self.export_shared(result.state)
         if self.local_keys:

@@ -19,7 +19,7 @@ from medseg_core.weak.mil import (
     fold_bag_grad_samples,
 )
 from medseg_core.weak.pseudo import pseudo_masks
-from medseg_core.weak.settings import WeakSettings
+from medseg_core.weak.settings import WeakSettings, positives_gate_open
 
 __all__ = [
     "BagSet",
@@ -29,5 +29,6 @@ __all__ = [
     "bags_from_slices",
     "check_bags",
     "fold_bag_grad_samples",
+    "positives_gate_open",
     "pseudo_masks",
 ]

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["WeakSettings", "cam_image_logit", "image_label_loss", "pixel_ce", "smooth_max"]
+__all__ = ["WeakSettings", "cam_image_logit", "image_label_loss", "pixel_ce", "positives_gate_open",
+           "smooth_max"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class WeakSettings:
     size_prior: tuple[float, float] | None = None  # [min, max] lesion area of a positive
     size_weight: float = 1.0
     positives_from_round: int = 1  # warm-up: positives' decoder terms start in this round
+    positives_gate: float | None = None  # server side: the closed-loop warm-up's margin
     positives: bool = True  # this round trains the decoder on positives (see the warm-up)
     fixmatch: bool = False
     fixmatch_threshold: float = 0.95
@@ -73,9 +75,31 @@ class WeakSettings:
             return cls()
         return cls(**{n: getattr(cfg, n) for n in type(cfg).model_fields})
 
-    def for_round(self, server_round: int) -> WeakSettings:
-        """The settings of one training round (the positives' warm-up)."""
-        return replace(self, positives=server_round >= self.positives_from_round)
+    def for_round(self, server_round: int, gate_open: bool | None = None) -> WeakSettings:
+        """The settings of one training round (the positives' warm-up).
+
+        ``gate_open``: the server's closed-loop warm-up for this round
+        (:func:`positives_gate_open`); None where the run has no gate."""
+        return replace(self, positives=server_round >= self.positives_from_round
+                       and gate_open is not False)
+
+
+def positives_gate_open(val_dice: float | None, empty_dice: float | None,
+                        margin: float | None) -> bool | None:
+    """Whether the next round trains the decoder on positives, by the
+    closed-loop warm-up ``train.weak.positives_gate`` (``margin``).
+
+    Open only if the last round's validation Dice beat the Dice of an
+    all-background prediction on the same cases by at least ``margin``;
+    closed before the first validation (``val_dice`` None) and when either
+    is unknown. None where there is no gate (``margin`` None).
+    """
+    if margin is None:
+        return None
+    if val_dice is None or empty_dice is None or not (math.isfinite(val_dice)
+                                                      and math.isfinite(empty_dice)):
+        return False
+    return val_dice - empty_dice >= margin
 
 
 def smooth_max(x: Tensor, r: float) -> Tensor:

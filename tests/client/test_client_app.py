@@ -113,6 +113,10 @@ def test_mistyped_server_config_refused(site_yaml: Path, tiny_scenario: Scenario
         _train_msg(tiny_scenario, 1, **{keys.LOCAL_EPOCHS: "two"}), _ctx(site_yaml)
     )
     assert reply.has_error() and "local-epochs" in reply.error.reason
+    gate = build_client_app()(_train_msg(tiny_scenario, 1, **{keys.POSITIVES_GATE: 1}),
+                              _ctx(site_yaml))
+    assert gate.has_error() and gate.error.code == keys.ERR_SITE_CONFIG
+    assert f"'{keys.POSITIVES_GATE}' must be a bool, got int 1" in gate.error.reason
 
 
 def test_evaluate_reports_dice_on_test_split(site_yaml: Path, tiny_scenario: ScenarioConfig) -> None:

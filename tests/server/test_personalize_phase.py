@@ -5,13 +5,10 @@ cannot says why and is scored with its layers as federated."""
 from __future__ import annotations
 
 from pathlib import Path
-from uuid import uuid4
 
 import yaml
-from flwr.app import Context, Message, RecordDict
 
 from client import site_runtime
-from client.app import build_client_app
 from client.records import state_to_record
 from medseg_core.config import ScenarioConfig, parse_model
 from medseg_core.sites import materialise_site
@@ -20,33 +17,7 @@ from server.federation import initial_state
 from server.phases import FederationOutcome, evaluate_sites, personalize_sites
 from server.strategies import build_strategy
 
-
-class _LocalGrid:
-    """A Grid that hands each message to a real ClientApp in this process
-    (node id -> that site's ``site.yaml``)."""
-
-    def __init__(self, sites: dict[int, Path]) -> None:
-        self.app, self.sites, self.replies = build_client_app(), sites, []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.sites)
-
-    def push_messages(self, messages) -> list[str]:
-        ids = []
-        for m in messages:
-            m.metadata.__dict__["_message_id"] = str(uuid4())
-            node = m.metadata.dst_node_id
-            ctx = Context(run_id=1, node_id=node, node_config={"site-config": str(self.sites[node])},
-                          state=RecordDict(), run_config={})
-            self.replies.append(self.app(m, ctx))
-            ids.append(m.metadata.message_id)
-        return ids
-
-    def pull_messages(self, ids) -> list[Message]:
-        want = set(ids)
-        got = [r for r in self.replies if r.metadata.reply_to_message_id in want]
-        self.replies = [r for r in self.replies if r not in got]
-        return got
+from local_grid import LocalGrid
 
 
 def test_a_site_that_cannot_personalise_says_why_and_keeps_its_federated_score(tmp_path: Path) -> None:
@@ -65,7 +36,7 @@ def test_a_site_that_cannot_personalise_says_why_and_keeps_its_federated_score(t
         paths[node] = tmp_path / "sites" / spec.id / "site.yaml"
     cfg = yaml.safe_load(paths[2].read_text())
     paths[2].write_text(yaml.safe_dump({**cfg, "val_fraction": 0.0}))  # nothing to pick an epoch with
-    grid = _LocalGrid(paths)
+    grid = LocalGrid(paths)
     arrays = state_to_record(initial_state(scenario))
     with RunStore(tmp_path / "runstore.sqlite") as store:
         store.start_run("run-p", name="p", config={}, versions={}, git_rev=None)
