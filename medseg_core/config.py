@@ -252,6 +252,11 @@ class WeakConfig(_Strict):
     # lesions flooded the weak arm (README, "Stop 16"). None: off (the fixed
     # positives_from_round alone); with both, both must allow it
     positives_gate: float | None = Field(default=None, ge=0.0, lt=1.0)
+    # what positives train while that gate is closed: "off" (nothing: the CAM/MIL
+    # heads, the MIL constraint and negatives only) or "agree" (the agreement rule,
+    # CAM region where the decoder also says lesion, with no refinement: the rule
+    # that did not flood under DP); needs positives_gate
+    positives_before_gate: Literal["off", "agree"] = "off"
     # weight of the weak cases' pixel terms (negatives' exact background, positives'
     # pseudo-masks and size prior) against a mask case's Dice + CE
     weak_weight: float = Field(default=1.0, ge=0.0)
@@ -270,6 +275,16 @@ class WeakConfig(_Strict):
     # a log-sum-exp of its foreground logit says "lesion somewhere" on positives,
     # "nowhere" on negatives (0: off; it hurt in the 2-site runs, docs/architecture.md)
     mil_weight: float = Field(default=0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _before_gate_needs_a_gate(self) -> WeakConfig:
+        if self.positives_before_gate != "off" and self.positives_gate is None:
+            raise ValueError(
+                f"train.weak.positives_before_gate is {self.positives_before_gate!r} but "
+                "train.weak.positives_gate is unset, so there is no gate to be before. Fix: set "
+                "positives_gate (e.g. 0.1), or leave positives_before_gate out"
+            )
+        return self
 
     @field_validator("pamr_dilations")
     @classmethod

@@ -59,6 +59,7 @@ class WeakSettings:
     size_weight: float = 1.0
     positives_from_round: int = 1  # warm-up: positives' decoder terms start in this round
     positives_gate: float | None = None  # server side: the closed-loop warm-up's margin
+    positives_before_gate: str = "off"  # "agree": the unrefined agreement rule while it is closed
     positives: bool = True  # this round trains the decoder on positives (see the warm-up)
     fixmatch: bool = False
     fixmatch_threshold: float = 0.95
@@ -79,9 +80,13 @@ class WeakSettings:
         """The settings of one training round (the positives' warm-up).
 
         ``gate_open``: the server's closed-loop warm-up for this round
-        (:func:`positives_gate_open`); None where the run has no gate."""
-        return replace(self, positives=server_round >= self.positives_from_round
-                       and gate_open is not False)
+        (:func:`positives_gate_open`); None where the run has no gate. While
+        it is closed, ``positives_before_gate="agree"`` trains positives with
+        the agreement rule, unrefined, instead of not at all."""
+        warm = server_round >= self.positives_from_round
+        if gate_open is False and warm and self.positives_before_gate == "agree":
+            return replace(self, positives=True, pseudo_fg="agree", refine="none")
+        return replace(self, positives=warm and gate_open is not False)
 
 
 def positives_gate_open(val_dice: float | None, empty_dice: float | None,

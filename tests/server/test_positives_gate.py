@@ -44,6 +44,19 @@ def test_a_closed_gate_overrides_the_fixed_warm_up_and_an_open_one_does_not_exte
     assert [s.for_round(r, False).positives for r in (2, 3)] == [False, False]
 
 
+def test_before_the_gate_opens_positives_can_train_with_the_unrefined_agreement_rule() -> None:
+    block = WeakSettings.from_config(WeakConfig(
+        pseudo_fg="decoder", refine="pamr", bg_blob=0.5, positives_gate=0.1,
+        positives_before_gate="agree", positives_from_round=2))
+    closed, opened = block.for_round(3, False), block.for_round(3, True)
+    assert (closed.positives, closed.pseudo_fg, closed.refine, closed.bg_blob) == \
+        (True, "agree", "none", 0.5)
+    assert (opened.positives, opened.pseudo_fg, opened.refine) == (True, "decoder", "pamr")
+    assert not block.for_round(1, False).positives  # the fixed warm-up still comes first
+    with pytest.raises(ConfigError, match=r"positives_before_gate is 'agree'.*Fix: set positives_gate"):
+        parse_model(TrainConfig, {"weak": {"positives_before_gate": "agree"}})
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.0, "high"])
 def test_a_bad_gate_margin_is_refused_with_its_name(bad: object) -> None:
     with pytest.raises(ConfigError, match=r"positives_gate"):
