@@ -443,16 +443,15 @@ class SiteSession:
             optimizer=req.optimizer, momentum=req.momentum, proximal_mu=req.proximal_mu,
             seed=self.round_seed(req.server_round), intensity=self.data_cfg.intensity_augment,
         )
+        weak = self.weak_settings.for_round(req.server_round, req.positives_gate_open)
         if self.is_bag_site:
             result = fit_bags(model, self.train_bags, settings, privacy=plan, accountant=accountant,
-                              secure_mode=self.site.secure_mode,
-                              weak=self.weak_settings.for_round(req.server_round, req.positives_gate_open))
+                              secure_mode=self.site.secure_mode, weak=weak)
         else:
             result = fit(
                 model, self.train_set, settings, num_classes=self.data_cfg.num_classes,
                 privacy=plan, accountant=accountant, secure_mode=self.site.secure_mode,
-                weak=self.weak_settings.for_round(req.server_round, req.positives_gate_open)
-                if self.weak else None,
+                weak=weak if self.weak else None,
             )
         shared = self.export_shared(result.state)
         if self.local_keys:
