@@ -9,6 +9,18 @@ from uuid import uuid4
 from flwr.app import Context, Message, RecordDict
 
 from client.app import build_client_app
+from medseg_core.config import ScenarioConfig
+from medseg_core.sites import materialise_site
+
+
+def site_yamls(scenario: ScenarioConfig, root: Path) -> dict[int, Path]:
+    """Materialise the scenario's sites under ``root``; node id (1, 2, ...) ->
+    that site's ``site.yaml``, as :class:`LocalGrid` takes them."""
+    paths = {}
+    for node, spec in enumerate(scenario.sites, start=1):
+        materialise_site(spec, scenario, root)
+        paths[node] = root / "sites" / spec.id / "site.yaml"
+    return paths
 
 
 class LocalGrid:

@@ -11,13 +11,12 @@ import yaml
 from client import site_runtime
 from client.records import state_to_record
 from medseg_core.config import ScenarioConfig, parse_model
-from medseg_core.sites import materialise_site
 from medseg_core.store import RunStore
 from server.federation import initial_state
 from server.phases import FederationOutcome, evaluate_sites, personalize_sites
 from server.strategies import build_strategy
 
-from local_grid import LocalGrid
+from local_grid import LocalGrid, site_yamls
 
 
 def test_a_site_that_cannot_personalise_says_why_and_keeps_its_federated_score(tmp_path: Path) -> None:
@@ -30,10 +29,7 @@ def test_a_site_that_cannot_personalise_says_why_and_keeps_its_federated_score(t
         "train": {"batch_size": 4, "personalize": {"epochs": 1, "lr": 0.01}},
         "privacy": {"enabled": False},
     })
-    paths = {}
-    for node, spec in enumerate(scenario.sites, start=1):
-        materialise_site(spec, scenario, tmp_path)
-        paths[node] = tmp_path / "sites" / spec.id / "site.yaml"
+    paths = site_yamls(scenario, tmp_path)
     cfg = yaml.safe_load(paths[2].read_text())
     paths[2].write_text(yaml.safe_dump({**cfg, "val_fraction": 0.0}))  # nothing to pick an epoch with
     grid = LocalGrid(paths)

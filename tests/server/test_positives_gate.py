@@ -20,7 +20,7 @@ from medseg_core.training.site import RoundRequest, SiteSession
 from medseg_core.weak import WeakSettings, positives_gate_open
 from server.federation import initial_state, run_federation
 
-from local_grid import LocalGrid
+from local_grid import LocalGrid, site_yamls
 
 
 @pytest.mark.parametrize(("val", "empty", "margin", "expected"), [
@@ -112,10 +112,7 @@ def test_the_server_decides_the_gate_from_the_last_validation_and_rebuilds_it_on
         tmp_path: Path) -> None:
     site_runtime._SESSIONS.clear()
     scenario = _scenario(2, personalize=1, positives_gate=0.0)
-    paths = {}
-    for node, spec in enumerate(scenario.sites, start=1):
-        materialise_site(spec, scenario, tmp_path)
-        paths[node] = tmp_path / "sites" / spec.id / "site.yaml"
+    paths = site_yamls(scenario, tmp_path)
     out = tmp_path / "run"
     grid = LocalGrid(paths)
     first = run_federation(grid, scenario, out, run_id="gate")
@@ -143,10 +140,7 @@ def test_the_server_decides_the_gate_from_the_last_validation_and_rebuilds_it_on
 def test_without_a_gate_no_train_message_carries_one(tmp_path: Path) -> None:
     site_runtime._SESSIONS.clear()
     scenario = _scenario(1)
-    paths = {}
-    for node, spec in enumerate(scenario.sites, start=1):
-        materialise_site(spec, scenario, tmp_path)
-        paths[node] = tmp_path / "sites" / spec.id / "site.yaml"
+    paths = site_yamls(scenario, tmp_path)
     grid = LocalGrid(paths)
     outcome = run_federation(grid, scenario, tmp_path / "run", run_id="no-gate")
     trains = [m for m in grid.pushed if m.metadata.message_type == "train"]
