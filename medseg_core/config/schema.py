@@ -1,0 +1,328 @@
+"""The scenario (what the federation runs) and the site (one hospital's private facts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from medseg_core.config.base import (
+    AdaptationMode,
+    Attack,
+    LabelRegime,
+    StrategyName,
+    _choice_message,
+    _Strict,
+)
+from medseg_core.config.weak import WeakConfig
+
+
+class ModelConfig(_Strict):
+    """Segmenter architecture (MONAI constructor vocabulary)."""
+
+    name: str = "unet"
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = Field(default=1, ge=0)
+    norm_groups: int = Field(default=8, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    adaptation: AdaptationMode = AdaptationMode.NONE
+    weak_head: Literal["none", "cam"] = "none"  # CAM head for image-level labels
+    mil_pooling: Literal["none", "attention", "max"] = "none"  # MIL bag head (implies the CAM head)
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from medseg_core.models.registry import MODEL_REGISTRY
+
+        if value not in MODEL_REGISTRY:
+            raise ValueError(_choice_message(value, sorted(MODEL_REGISTRY)))
+        return value
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> ModelConfig:
+        if len(self.strides) != len(self.channels) - 1:
+            raise ValueError(
+                f"strides has {len(self.strides)} entries but channels has "
+                f"{len(self.channels)}; expected len(strides) == len(channels) - 1"
+            )
+        bad = [c for c in self.channels if c % self.norm_groups]
+        if bad:
+            raise ValueError(
+                f"channels {bad} are not divisible by norm_groups={self.norm_groups}; "
+                "GroupNorm needs every channel count to be a multiple of norm_groups"
+            )
+        return self
+
+
+class DataConfig(_Strict):
+    """How site images become training tensors."""
+
+    image_size: int = Field(default=64, ge=16, le=512)
+    context_slices: int = Field(default=0, ge=0, le=3)
+    num_classes: int = Field(default=2, ge=2)
+    val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    # nnU-Net's default intensity augmentations (noise, blur, brightness, contrast,
+    # low resolution, gamma; medseg_core/data/augment.py) on every training sample,
+    # besides the random flips; against the scanner shift between sites
+    intensity_augment: bool = False
+
+
+class EvalConfig(_Strict):
+    """How predictions are scored (the same for every arm of a comparison)."""
+
+    # nnU-Net-style post-processing: predicted components smaller than this
+    # many voxels are removed before scoring (0 = raw argmax).
+    min_component_voxels: int = Field(default=0, ge=0)
+    # Which global model is final: the last round's, or the round with the
+    # best federated validation Dice (sites' own validation splits; the test
+    # splits are never looked at). Baselines select the same way.
+    select: Literal["last", "best_val"] = "last"
+    # MIL sites: a bag (e.g. a volume) that the MIL head's bag-level prediction
+    # calls negative (p < 0.5) is segmented as all background; other sites ignore it
+    bag_gate: bool = False
+    # "pamr": every scored prediction's class probabilities are refined by the
+    # image's own local affinities before the argmax (medseg_core/refine.py): a
+    # post-processing step like min_component_voxels, applied to every arm
+    refine: Literal["none", "pamr"] = "none"
+
+
+class PrivacyConfig(_Strict):
+    """Differential-privacy defaults; a site's own config may lower the cap."""
+
+    enabled: bool = True
+    epsilon: float = Field(default=8.0, gt=0.0)
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    secure_mode: bool = False
+
+
+class PersonalizeConfig(_Strict):
+    """Post-federation personalisation of each site's private adaptation layers.
+
+    During the rounds a site's private layers (``model.adaptation``) are
+    trained against its own drifting copy of the shared weights, then paired
+    with the *aggregated* shared weights at evaluation: a mismatch. After the
+    last round each site fine-tunes only its private layers against the
+    selected global model on its own training data (shared weights frozen,
+    Adam), keeps the epoch with the best local validation Dice (epoch 0, no
+    change, included) and stores them; nothing is sent but metrics. Under DP
+    the epochs are DP-SGD through the site's accountant and their budget is
+    reserved from the first round (the rounds' noise is calibrated for the
+    rounds plus these epochs), so the site's cap holds.
+    """
+
+    epochs: int = Field(default=0, ge=0)  # 0: off
+    lr: float = Field(default=1e-3, gt=0.0)
+
+
+class TrainConfig(_Strict):
+    """Local optimisation settings sent with every round."""
+
+    local_epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    lr: float = Field(default=1e-3, gt=0.0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(default=0.0, ge=0.0, lt=1.0)  # SGD only
+    weak: WeakConfig = WeakConfig()
+    personalize: PersonalizeConfig = PersonalizeConfig()
+
+
+class StrategyConfig(_Strict):
+    """Server strategy and the checks applied to updates before aggregation."""
+
+    name: StrategyName = StrategyName.FEDAVG
+    fraction_train: float = Field(default=1.0, gt=0.0, le=1.0)
+    min_train_nodes: int | None = Field(default=None, ge=1)
+    proximal_mu: float = Field(default=0.01, ge=0.0)
+    server_lr: float | None = Field(default=None, gt=0.0)  # None: the strategy's default
+    server_momentum: float = Field(default=0.0, ge=0.0, lt=1.0)  # fedavgm
+    trim_beta: float = Field(default=0.2, ge=0.0, lt=0.5)
+    num_malicious_nodes: int = Field(default=0, ge=0)
+    max_update_norm: float | None = Field(default=None, gt=0.0)
+    round_timeout_s: float = Field(default=3600.0, gt=0.0)
+    # aggregation weight per label regime, times the site's number of examples
+    # (e.g. {image: 0.25, bag: 0.25}: a mask site counts 4x per case); default 1
+    regime_weights: dict[LabelRegime, float] = Field(default_factory=dict)
+
+    @field_validator("regime_weights")
+    @classmethod
+    def _positive_weights(cls, v: dict[LabelRegime, float]) -> dict[LabelRegime, float]:
+        bad = {str(k): w for k, w in v.items() if not (w > 0.0 and w < float("inf"))}
+        if bad:
+            raise ValueError(
+                f"strategy.regime_weights must be positive finite numbers; got {bad}. Fix: give "
+                "each label regime a weight > 0 (1 = by number of examples; to leave a site out "
+                "of aggregation, remove the site instead)"
+            )
+        return v
+
+
+class ShiftSpec(_Strict):
+    """A synthetic site's scanner / protocol shift."""
+
+    intensity_scale: float = Field(default=1.0, gt=0.0)
+    intensity_offset: float = 0.0
+    gamma: float = Field(default=1.0, gt=0.0)
+    bias_field: float = Field(default=0.0, ge=0.0, le=1.0)
+    noise_std: float = Field(default=0.02, ge=0.0)
+    blur_sigma: float = Field(default=0.0, ge=0.0)
+    downsample: float = Field(default=1.0, ge=1.0, le=4.0)
+
+
+class SyntheticSiteSpec(_Strict):
+    """A generated hospital: phantoms with lesions under a scanner shift."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    kind: Literal["synthetic"] = "synthetic"
+    n_train: int = Field(default=40, ge=2)
+    n_test: int = Field(default=10, ge=1)
+    dims: Literal[2, 3] = 2
+    depth: int = Field(default=8, ge=1)
+    lesion_prevalence: float = Field(default=0.7, ge=0.0, le=1.0)
+    label_regime: LabelRegime = LabelRegime.MASK
+    bag_size: int = Field(default=4, ge=2)
+    unlabeled_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)  # training cases without labels
+    class_noise: float = Field(default=0.0, ge=0.0, le=0.5)  # image-level labels flipped
+    shift: ShiftSpec = ShiftSpec()
+    epsilon: float | None = Field(default=None, gt=0.0)
+    attack: Attack = Attack.NONE
+    drop_rounds: tuple[int, ...] = ()  # simulation only: the site is unreachable these rounds
+    drop_seconds: float = Field(default=120.0, gt=0.0)  # ... stalling this long (> round timeout)
+
+
+class AnatomySiteSpec(_Strict):
+    """A real-anatomy site: MNI152 brain-mask segmentation from nilearn's
+    offline templates (``pip install medseg-fl[anatomy]``)."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    kind: Literal["anatomy"]
+    source: str
+    n_train: int = Field(default=24, ge=1)
+    n_test: int = Field(default=8, ge=1)
+    label_regime: LabelRegime = LabelRegime.MASK
+    epsilon: float | None = Field(default=None, gt=0.0)
+    attack: Attack = Attack.NONE
+    drop_rounds: tuple[int, ...] = ()  # simulation only: the site is unreachable these rounds
+    drop_seconds: float = Field(default=120.0, gt=0.0)  # ... stalling this long (> round timeout)
+
+
+class PathSiteSpec(_Strict):
+    """A site given as a directory in the dataset.json format."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    path: Path
+    label_regime: LabelRegime = LabelRegime.MASK
+    epsilon: float | None = Field(default=None, gt=0.0)
+    attack: Attack = Attack.NONE
+    drop_rounds: tuple[int, ...] = ()  # simulation only: the site is unreachable these rounds
+    drop_seconds: float = Field(default=120.0, gt=0.0)  # ... stalling this long (> round timeout)
+
+
+SiteSpec = Annotated[
+    SyntheticSiteSpec | AnatomySiteSpec | PathSiteSpec, Field(union_mode="left_to_right")
+]
+
+
+class SimulationConfig(_Strict):
+    """Flower simulation-engine resources."""
+
+    num_cpus_per_client: float = Field(default=1.0, gt=0.0)
+    torch_threads: int = Field(default=1, ge=1)
+
+
+class ScenarioConfig(_Strict):
+    """A whole federation: sites, model, training, privacy and strategy."""
+
+    name: str = Field(default="default", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    seed: int = 0
+    rounds: int = Field(default=5, ge=1)
+    sites: tuple[SiteSpec, ...] = Field(min_length=1)
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    evaluation: EvalConfig = EvalConfig()
+    simulation: SimulationConfig = SimulationConfig()
+
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _site_kind(cls, value: Any) -> Any:
+        # Pick the union member explicitly so errors name the right fields.
+        if not isinstance(value, list | tuple):
+            return value
+        out: list[Any] = []
+        for entry in value:
+            if isinstance(entry, dict) and "path" in entry:
+                out.append(PathSiteSpec.model_validate(entry))
+            elif isinstance(entry, dict) and entry.get("kind") == "anatomy":
+                out.append(AnatomySiteSpec.model_validate(entry))
+            elif isinstance(entry, dict):
+                out.append(SyntheticSiteSpec.model_validate(entry))
+            else:
+                out.append(entry)
+        return out
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> ScenarioConfig:
+        ids = [s.id for s in self.sites]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"site ids must be unique; duplicated: {dup}")
+        return self
+
+    @model_validator(mode="after")
+    def _personalize_needs_private_layers(self) -> ScenarioConfig:
+        n = self.train.personalize.epochs
+        if n and self.model.adaptation == AdaptationMode.NONE:
+            raise ValueError(
+                f"train.personalize.epochs is {n} but model.adaptation is 'none': there are no "
+                "site-private layers to personalise. Fix: set model.adaptation to 'norm', "
+                "'adapter' or 'norm+adapter', or train.personalize.epochs: 0"
+            )
+        return self
+
+
+class SiteConfig(_Strict):
+    """One hospital's private configuration; never leaves the site.
+
+    Parameters
+    ----------
+    id
+        Site identifier reported to the server (not a patient identifier).
+    data_dir
+        Directory holding ``dataset.json`` and the images.
+    state_dir
+        Where the site keeps its own state across rounds and restarts
+        (privacy accountant, local layers).
+    epsilon, delta
+        The site's privacy budget: training that would push the accountant's
+        epsilon (at ``delta``) past ``epsilon`` is refused.
+    """
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    data_dir: Path
+    state_dir: Path
+    label_regime: LabelRegime = LabelRegime.MASK
+    epsilon: float = Field(default=8.0, gt=0.0)
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    dp_enabled: bool = True
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    accountant: Literal["rdp", "prv", "gdp"] = "rdp"
+    secure_mode: bool = False
+    val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    # nnU-Net's default intensity augmentations (noise, blur, brightness, contrast,
+    # low resolution, gamma; medseg_core/data/augment.py) on every training sample,
+    # besides the random flips; against the scanner shift between sites
+    intensity_augment: bool = False
+    seed: int = 0
+    torch_threads: int = Field(default=1, ge=1)
+    # Simulation only: make this site's replies misbehave (robustness tests).
+    attack: Attack = Attack.NONE
+    # Simulation only: in these rounds the site does not answer in time (it
+    # stalls for drop_seconds, past the server's round timeout), then rejoins.
+    drop_rounds: tuple[int, ...] = ()
+    drop_seconds: float = Field(default=120.0, gt=0.0)
