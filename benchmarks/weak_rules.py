@@ -9,7 +9,8 @@ every round each site runs the site runtime's own round
 seeds and, with ``--dp on``, the same DP-SGD plan and accountant as in a
 federation) from the global weights, the global weights
 move by FedAvgM (the scenario's ``strategy.server_momentum``, 0 = FedAvg;
-weights = training cases x ``strategy.regime_weights``), and the round with
+weights = training cases x ``strategy.regime_weights``, each array averaged
+over the sites that changed it, as the server does), and the round with
 the best mean validation Dice (sites with validation masks, refined as
 ``evaluation.refine``) is scored on every site's test split. About 10 s a
 round for the mixed-regime scenario's three 2D sites without DP.
@@ -85,7 +86,6 @@ def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: i
         sess = SiteSession(site, model_cfg=scenario.model, data_cfg=scenario.data, weak_cfg=weak_cfg)
         sessions[spec.id] = sess
         weights[spec.id] = len(sess.train_set) * regime_w.get(spec.label_regime, 1.0)
-    total = sum(weights.values())
     torch.manual_seed(scenario.seed)
     g = {k: v.detach().numpy().copy() for k, v in
          build_segmenter(scenario.model, scenario.data).state_dict().items()}
@@ -106,7 +106,7 @@ def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: i
     mean_val: float | None = None
     eps: dict[str, float | None] = {}
     for r in range(1, rounds + 1):
-        new = {k: np.zeros_like(v) for k, v in g.items()}
+        replies: dict[str, dict[str, np.ndarray]] = {}
         is_open = positives_gate_open(mean_val, empty, weak_cfg.positives_gate)
         if is_open is not None:
             gate_open.append(is_open)
@@ -118,8 +118,14 @@ def federate(scenario: ScenarioConfig, weak_over: dict, workdir: Path, rounds: i
                 run_name="weak-rules", min_component_voxels=mcv, refine=refine,
                 positives_gate_open=is_open))
             eps[sid] = res.epsilon
-            for k in new:
-                new[k] = new[k] + (weights[sid] / total) * res.shared[k]
+            replies[sid] = res.shared
+        # each array averaged over the sites that changed it, as the server does
+        # (server.federation.average_over_trainers; train.weak.weak_sites_freeze)
+        new = {}
+        for k, ref in g.items():
+            trained = [sid for sid in replies if not np.array_equal(replies[sid][k], ref)] or list(replies)
+            tw = sum(weights[sid] for sid in trained)
+            new[k] = sum((weights[sid] / tw) * replies[sid][k] for sid in trained)
         for k in g:  # FedAvgM (Hsu et al. 2019), server learning rate 1
             mom[k] = beta * mom[k] + (g[k] - new[k])
             g[k] = (g[k] - mom[k]).astype(g[k].dtype)

@@ -275,6 +275,18 @@ class ScenarioConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _frozen_part_needs_a_mask_site(self) -> ScenarioConfig:
+        part = self.train.weak.weak_sites_freeze
+        weak = {LabelRegime.IMAGE, LabelRegime.BAG}
+        if part != "none" and all(s.label_regime in weak for s in self.sites):
+            raise ValueError(
+                f"train.weak.weak_sites_freeze is {part!r} but every site's label_regime is image "
+                f"or bag: no site would ever train the {part}. Fix: add a site with masks "
+                "(label_regime mask or mixed), or set weak_sites_freeze: none"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _personalize_needs_private_layers(self) -> ScenarioConfig:
         n = self.train.personalize.epochs
         if n and self.model.adaptation == AdaptationMode.NONE:

@@ -99,6 +99,16 @@ class WeakConfig(_Strict):
     # a log-sum-exp of its foreground logit says "lesion somewhere" on positives,
     # "nowhere" on negatives (0: off; it hurt in the 2-site runs, docs/architecture.md)
     mil_weight: float = Field(default=0.0, ge=0.0)
+    # what a site without masks (label regime image or bag) leaves untrained, so
+    # that only the sites with masks move it: "decoder" (the segmentation up-path;
+    # the weak terms still reach the encoder through it) or "encoder" (down-path
+    # and bottleneck). Heads and private adaptation layers train as before. The
+    # server averages each array over the sites that changed it
+    # (server.federation.average_over_trainers), so the frozen copies do not
+    # dilute it. Under DP a weak site's noisy, background-heavy pixel terms pulled
+    # the shared decoder to "no lesion" (README, "Stop 18"). "none": every site
+    # trains every shared array
+    weak_sites_freeze: Literal["none", "decoder", "encoder"] = "none"
 
     @model_validator(mode="after")
     def _before_gate_needs_a_gate(self) -> WeakConfig:

@@ -24,7 +24,8 @@ from torch import nn
 if TYPE_CHECKING:
     from medseg_core.config import ModelConfig
 
-__all__ = ["CamSegmenter", "MilHead", "bottleneck_of", "cam_segmenter", "last_cam"]
+__all__ = ["CamSegmenter", "MilHead", "bottleneck_of", "cam_segmenter", "encoder_decoder_names",
+           "last_cam"]
 
 
 def bottleneck_of(net: nn.Module, cfg: ModelConfig) -> tuple[nn.Module, int]:
@@ -45,6 +46,37 @@ def bottleneck_of(net: nn.Module, cfg: ModelConfig) -> tuple[nn.Module, int]:
     raise ValueError(
         f"no CAM head for {type(net).__name__}; supported: MONAI UNet and BasicUNet"
     )
+
+
+def encoder_decoder_names(model: nn.Module) -> tuple[frozenset[str], frozenset[str]]:
+    """Parameter names (as ``model.named_parameters()`` gives them) of the
+    segmentation network's encoder (down-path and bottleneck) and decoder
+    (up-path and output convolution). Heads and adaptation layers are in
+    neither.
+
+    MONAI's ``UNet`` nests every level as ``Sequential(down, SkipConnection(
+    deeper levels), up)``: the decoder is the third block of each. In
+    ``BasicUNet`` it is ``upcat_4`` ... ``upcat_1`` and ``final_conv``.
+
+    Raises
+    ------
+    ValueError
+        ``model`` holds no MONAI ``UNet`` / ``BasicUNet``.
+    """
+    nets = [m for m in model.modules() if isinstance(m, UNet | BasicUNet)]
+    if not nets:
+        raise ValueError(f"no MONAI UNet or BasicUNet in {type(model).__name__}: no encoder/decoder split")
+    net = nets[0]
+    if isinstance(net, UNet):
+        ups = [s[2] for s in net.modules()
+               if isinstance(s, nn.Sequential) and len(s) == 3 and isinstance(s[1], SkipConnection)]
+    else:
+        ups = [net.upcat_4, net.upcat_3, net.upcat_2, net.upcat_1, net.final_conv]
+    up_ids = {id(p) for u in ups for p in u.parameters()}
+    net_ids = {id(p) for p in net.parameters()}
+    named = list(model.named_parameters())
+    return (frozenset(n for n, p in named if id(p) in net_ids and id(p) not in up_ids),
+            frozenset(n for n, p in named if id(p) in up_ids))
 
 
 class CamSegmenter(nn.Module):

@@ -22,7 +22,7 @@ from medseg_core.data.augment import intensity_augmentation
 from medseg_core.data.slices import IGNORE_LABEL, SliceSet
 from medseg_core.losses import build_loss
 from medseg_core.metrics import SegMetrics, evaluate_segmentation
-from medseg_core.models.heads import cam_segmenter
+from medseg_core.models.heads import cam_segmenter, encoder_decoder_names
 from medseg_core.models.registry import build_model
 from medseg_core.privacy.budget import RoundPrivacyPlan
 from medseg_core.privacy.engine import exported_state, make_private
@@ -40,6 +40,7 @@ __all__ = [
     "fit_bags",
     "load_state",
     "steps_per_epoch",
+    "weak_site_trainable",
 ]
 
 logger = logging.getLogger(__name__)
@@ -242,6 +243,20 @@ def fit(
     )
 
 
+def weak_site_trainable(model: nn.Module, freeze: str,
+                        private: frozenset[str] = frozenset()) -> frozenset[str] | None:
+    """What a site without masks trains under ``train.weak.weak_sites_freeze``:
+    every parameter but the frozen part of the shared segmenter (its
+    ``"decoder"`` or ``"encoder"``, :func:`medseg_core.models.heads.encoder_decoder_names`);
+    the site's ``private`` adaptation layers always train. None for ``"none"``
+    (everything trains), as :func:`fit`'s ``only`` takes it."""
+    if freeze == "none":
+        return None
+    encoder, decoder = encoder_decoder_names(model)
+    frozen = {"decoder": decoder, "encoder": encoder}[freeze] - private
+    return frozenset(n for n, _ in model.named_parameters() if n not in frozen)
+
+
 def _freeze_unused_heads(model: nn.Module, *, cam_used: bool, mil_used: bool) -> None:
     """Heads this kind of training does not use get no gradient (Opacus needs
     a per-sample gradient for every trainable parameter); their weights are
@@ -283,6 +298,7 @@ def fit_bags(
     accountant: object | None = None,
     secure_mode: bool = False,
     weak: WeakSettings | None = None,
+    only: frozenset[str] | None = None,
 ) -> FitResult:
     """Train ``model`` (with a MIL head) on bag-labelled data for
     ``settings.epochs`` epochs; a bag is one DP-SGD sample.
@@ -290,10 +306,14 @@ def fit_bags(
     ``settings.batch_size`` counts instances; each step draws about
     ``batch_size / K`` bags (:func:`bag_batch_size`). Under DP, per-row
     gradients are folded into per-bag gradients before clipping
-    (:func:`medseg_core.weak.mil.fold_bag_grad_samples`).
+    (:func:`medseg_core.weak.mil.fold_bag_grad_samples`). ``only``: as in
+    :func:`fit`.
     """
     torch.manual_seed(settings.seed)
     _freeze_unused_heads(model, cam_used=True, mil_used=True)
+    if only is not None:  # as in fit()
+        for name, p in model.named_parameters():
+            p.requires_grad_(p.requires_grad and name in only)
     k = int(bags.images.shape[1])
     bag_data: Dataset = TensorDataset(bags.images, bags.valid, bags.labels)
     if settings.intensity:

@@ -56,6 +56,7 @@ from medseg_core.training.session import (
     fit_bags,
     load_state,
     steps_per_epoch,
+    weak_site_trainable,
 )
 
 __all__ = ["PersonalizeOutcome", "RoundOutcome", "RoundRequest", "SiteEval", "SiteSession"]
@@ -444,14 +445,17 @@ class SiteSession:
             seed=self.round_seed(req.server_round), intensity=self.data_cfg.intensity_augment,
         )
         weak = self.weak_settings.for_round(req.server_round, req.positives_gate_open)
+        # a site without masks leaves train.weak.weak_sites_freeze's part to the mask sites
+        only = weak_site_trainable(model, weak.weak_sites_freeze, self.local_keys) if (
+            self.weak and self.site.label_regime in (LabelRegime.IMAGE, LabelRegime.BAG)) else None
         if self.is_bag_site:
             result = fit_bags(model, self.train_bags, settings, privacy=plan, accountant=accountant,
-                              secure_mode=self.site.secure_mode, weak=weak)
+                              secure_mode=self.site.secure_mode, weak=weak, only=only)
         else:
             result = fit(
                 model, self.train_set, settings, num_classes=self.data_cfg.num_classes,
                 privacy=plan, accountant=accountant, secure_mode=self.site.secure_mode,
-                weak=weak if self.weak else None,
+                weak=weak if self.weak else None, only=only,
             )
         shared = self.export_shared(result.state)
         if self.local_keys:

@@ -61,6 +61,7 @@ class WeakSettings:
     positives_gate: float | None = None  # server side: the closed-loop warm-up's margin
     positives_before_gate: str = "off"  # "agree": the unrefined agreement rule while it is closed
     positives: bool = True  # this round trains the decoder on positives (see the warm-up)
+    weak_sites_freeze: str = "none"  # "decoder" / "encoder": left untrained at sites without masks
     fixmatch: bool = False
     fixmatch_threshold: float = 0.95
     fixmatch_weight: float = 1.0
