@@ -1,6 +1,7 @@
 """A hospital site's training runtime, framework-free.
 
-:class:`SiteSession` owns one site's data tensors, its privacy accountant
+:class:`SiteSession` owns one site's data tensors (through its base
+:class:`medseg_core.training.site_data.SiteData`), its privacy accountant
 (persisted in the site's ``state_dir``) and its budget. The Flower client is
 a thin adapter: message in -> ``train_round`` / ``evaluate`` -> message out.
 
@@ -32,10 +33,10 @@ from medseg_core.adaptation import AdaptationStore, check_shared_only, local_key
 from medseg_core.adaptation.tta import TTAResult, adapt_unlabeled
 from medseg_core.config import DataConfig, LabelRegime, ModelConfig, SiteConfig, WeakConfig
 from medseg_core.data.integrity import require_valid_site
-from medseg_core.data.slices import SliceSet, load_slices, split_cases
+from medseg_core.data.slices import SliceSet, load_slices
 from medseg_core.metrics import SegMetrics
-from medseg_core.errors import ConfigError, DataIntegrityError, PrivacyBudgetExceeded
-from medseg_core.weak import BagSet, WeakSettings, bags_from_slices, check_bags
+from medseg_core.errors import ConfigError, PrivacyBudgetExceeded
+from medseg_core.weak import WeakSettings
 from medseg_core.privacy.accountant import (
     epsilon_of,
     load_accountant,
@@ -58,6 +59,7 @@ from medseg_core.training.session import (
     steps_per_epoch,
     weak_site_trainable,
 )
+from medseg_core.training.site_data import SiteData
 
 __all__ = ["PersonalizeOutcome", "RoundOutcome", "RoundRequest", "SiteEval", "SiteSession"]
 
@@ -117,7 +119,7 @@ class RoundOutcome:
     epsilon: float | None  # cumulative, measured by the accountant after the round
 
 
-class SiteSession:
+class SiteSession(SiteData):
     """One site's data, model factory and privacy state.
 
     Parameters
@@ -142,129 +144,6 @@ class SiteSession:
         self.weak_settings = WeakSettings.from_config(weak_cfg)
         self.datalist = require_valid_site(site.data_dir)
         self.site.state_dir.mkdir(parents=True, exist_ok=True)
-
-    # ------------------------------------------------------------------ data
-    @property
-    def weak(self) -> bool:
-        """Whether the federation's model trains image-level cases (CAM head)."""
-        return self.model_cfg.weak_head == "cam" or self.mil_enabled
-
-    @property
-    def mil_enabled(self) -> bool:
-        """Whether the federation's model has a MIL head."""
-        return self.model_cfg.mil_pooling != "none"
-
-    @property
-    def is_bag_site(self) -> bool:
-        """Whether this site trains on MIL bags (every training case is in one)."""
-        return self.mil_enabled and any(c.bag is not None for c in self.datalist.split("training"))
-
-    @cached_property
-    def train_bags(self) -> BagSet:
-        """The site's training bags (bag sites only; no validation split: a
-        bag site has no masks to validate on)."""
-        _ = self._train_val
-        return bags_from_slices(self.train_set, self._bag_labels)
-
-    def _training_cases(self) -> list:
-        """The training cases this site can learn from, by the model's head.
-
-        Raises
-        ------
-        DataIntegrityError
-            No usable case, or MIL bags (not trainable yet), each with the fix.
-        """
-        cases = self.datalist.split("training")
-        if any(c.bag is not None for c in cases):
-            if not self.mil_enabled:
-                raise DataIntegrityError(
-                    f"site {self.site.id!r}: its training cases carry MIL 'bag' ids but the "
-                    "federation's model has no MIL head. Fix: set model.mil_pooling: attention "
-                    "(or max) in the scenario"
-                )
-            self._bag_labels = check_bags(cases, self.site.id)
-            return list(cases)
-        masked = [c for c in cases if c.label is not None]
-        if not self.weak:
-            if not masked:
-                raise DataIntegrityError(
-                    f"site {self.site.id!r} has no training case with a mask "
-                    f"(label_regime={self.site.label_regime.value!r}); mask-supervised training "
-                    "needs at least one 'label' in dataset.json 'training'. For image-level "
-                    "labels set model.weak_head: cam in the scenario"
-                )
-            return masked
-        if self.site.label_regime == LabelRegime.IMAGE:
-            lacking = [c.case_id for c in cases
-                       if c.label is None and c.cls is None and not c.unlabeled]
-            if lacking:
-                raise DataIntegrityError(
-                    f"site {self.site.id!r} declares label_regime 'image' but {len(lacking)} "
-                    f"training case(s) have neither a 'class' nor a 'label': {lacking[:10]}"
-                    f"{' ...' if len(lacking) > 10 else ''}. Fix: add \"class\": 0 or 1 to each "
-                    "in dataset.json, or \"class\": null to mark a case as deliberately unlabeled"
-                )
-        usable = [c for c in cases if c.label is not None or c.cls is not None]
-        unlabeled = len(cases) - len(usable)
-        if not usable:
-            raise DataIntegrityError(
-                f"site {self.site.id!r} has no training case with a mask or an image-level "
-                f"'class' ({len(cases)} unlabeled case(s)); weak training needs at least one"
-            )
-        if unlabeled and self.weak_settings.fixmatch:
-            logger.info("site %s: %d unlabeled training case(s) train by FixMatch consistency",
-                        self.site.id, unlabeled)
-            return list(cases)
-        if unlabeled:
-            logger.info("site %s: %d unlabeled training case(s) are not used (train.weak.fixmatch "
-                        "is off)", self.site.id, unlabeled)
-        return usable
-
-    @cached_property
-    def _train_val(self) -> tuple[SliceSet, SliceSet | None]:
-        cases = self._training_cases()
-        all_slices = load_slices(
-            cases, image_size=self.data_cfg.image_size,
-            context_slices=self.data_cfg.context_slices, require_labels=not self.weak,
-        )
-        if self.is_bag_site:
-            return all_slices, None
-        if self.weak:
-            per_case = torch.bincount(all_slices.case_index, minlength=len(cases))
-            vol_pos = [c.case_id for i, c in enumerate(cases)
-                       if c.label is None and c.cls == 1 and int(per_case[i]) > 1]
-            if vol_pos:
-                raise DataIntegrityError(
-                    f"site {self.site.id!r}: {len(vol_pos)} positive 3D volume(s) with only an "
-                    f"image-level 'class' (e.g. {vol_pos[:3]}): a volume's label does not say "
-                    "which slices hold the lesion, so it is a MIL bag of slices, which is not "
-                    "trainable yet. Fix: give those volumes masks, or leave this site out"
-                )
-        tr, va = split_cases(len(all_slices.case_ids), self.site.val_fraction, self.site.seed)
-        # Validation Dice needs masks: a drawn validation case without one
-        # trains instead (nothing is left unused).
-        tr = list(tr) + [p for p in va if cases[p].label is None]
-        va = [p for p in va if cases[p].label is not None]
-        return all_slices.subset(tr), (all_slices.subset(va) if va else None)
-
-    @property
-    def train_set(self) -> SliceSet:
-        """Training slices (after the local validation split)."""
-        return self._train_val[0]
-
-    @property
-    def val_set(self) -> SliceSet | None:
-        """Local validation slices (None when val_fraction is 0)."""
-        return self._train_val[1]
-
-    @cached_property
-    def test_set(self) -> SliceSet:
-        """The site's test split (held out). Cases may lack masks: they are
-        then scored by image-level AUC only (:meth:`evaluate`)."""
-        return load_slices(
-            self.datalist.split("test"), image_size=self.data_cfg.image_size,
-            context_slices=self.data_cfg.context_slices, require_labels=False,
-        )
 
     # ------------------------------------------------------------ adaptation
     @cached_property
