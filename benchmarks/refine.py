@@ -5,9 +5,13 @@ round by default) and every site, scores the test split twice, with the
 run's own ``min_component_voxels`` (and MIL bag gate): raw argmax and
 PAMR-refined (:func:`medseg_core.refine.pamr`). Prints the test Dice of each,
 the Dice over positive cases, and the fraction of lesion-free test cases
-that get any predicted lesion (false-positive cases).
+that get any predicted lesion (false-positive cases). With ``--site-threshold``
+a third column: PAMR-refined at the site's own calibrated foreground
+threshold (``evaluation.threshold: site``, :mod:`medseg_core.calibration`:
+calibrated for this checkpoint on the site's training labels), and the
+threshold.
 
-    .venv/bin/python benchmarks/refine.py RUN_DIR [--round N]
+    .venv/bin/python benchmarks/refine.py RUN_DIR [--round N] [--site-threshold]
 
 ``RUN_DIR`` is a ``medseg simulate --out`` directory or its ``full-masks/``
 arm.
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg_core.calibration import calibrate_threshold
 from medseg_core.checkpoint import load_checkpoint
 from medseg_core.config import ScenarioConfig, parse_model
 from medseg_core.metrics import evaluate_segmentation
@@ -35,6 +40,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path)
     ap.add_argument("--round", type=int, default=None)
+    ap.add_argument("--site-threshold", action="store_true",
+                    help="also score at each site's calibrated threshold (refined)")
     args = ap.parse_args()
     scenario = parse_model(ScenarioConfig, json.loads((args.run / "scenario.json").read_text()))
     rnd = args.round or json.loads((args.run / "summary.json").read_text())["federated"]["selected_round"]
@@ -56,14 +63,21 @@ def main() -> None:
         keep = (bag_probabilities(model, test.images, test.case_index) >= 0.5
                 if ev.bag_gate and sess.is_bag_site else None)
         parts = [f"{spec.id:20s}"]
-        for refine in ("none", "pamr"):
+        arms: list[tuple[str, str, float | None]] = [("none", "none", None), ("pamr", "pamr", None)]
+        if args.site_threshold:
+            tr = sess.train_set
+            found = calibrate_threshold(model, tr.images, tr.case_index, sess.train_case_labels,
+                                        min_component_voxels=ev.min_component_voxels, refine="pamr")
+            if found is not None:
+                arms.append((f"pamr at site threshold {found[0]:.2f}", "pamr", found[0]))
+        for name, refine, tau in arms:
             m = evaluate_segmentation(model, test.images, test.labels, test.case_index,
                                       num_classes=scenario.data.num_classes,
                                       min_component_voxels=ev.min_component_voxels,
-                                      case_keep=keep, refine=refine)
+                                      case_keep=keep, refine=refine, threshold=tau)
             d = np.asarray(m.per_case_dice)
             fp = float((d[~has_fg] < 1.0).mean()) if (~has_fg).any() else float("nan")
-            parts.append(f"{refine}: dice {m.dice:.3f} (positives {d[has_fg].mean():.3f}, "
+            parts.append(f"{name}: dice {m.dice:.3f} (positives {d[has_fg].mean():.3f}, "
                          f"false-positive cases {fp:.2f})")
         print(" | ".join(parts))
 

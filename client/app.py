@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Mapping
 
-import numpy as np
 from flwr.app import (
     ConfigRecord,
     Context,
@@ -214,6 +213,7 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 bag_gate=bool(cfg.get(keys.BAG_GATE, False)),
                 refine=str(cfg.get(keys.EVAL_REFINE, "none")),
                 personalized=personalized,
+                threshold=str(cfg.get(keys.EVAL_THRESHOLD, "argmax")),
             )
         except Exception as exc:  # noqa: BLE001
             return _refusal(msg, exc, "evaluation")
@@ -234,6 +234,7 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 keys.MIL_AUC: float(res.mil_auc) if res.mil_auc is not None else float("nan"),
                 keys.EMPTY_DICE: float(res.empty_dice) if res.empty_dice is not None else float("nan"),
                 keys.DICE_SE: float(res.dice_se) if res.dice_se is not None else float("nan"),
+                keys.THRESHOLD: float(res.threshold) if res.threshold is not None else float("nan"),
                 keys.EVAL_SPLIT: split,
                 keys.PERSONALIZED: personalized,
                 "epsilon-spent": float(session.epsilon_spent()) if site.dp_enabled else -1.0,

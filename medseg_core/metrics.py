@@ -101,9 +101,12 @@ def _check_inputs(images: Tensor, labels: Tensor, case_index: Tensor, num_classe
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, images: Tensor, batch_size: int, refine: str = "none") -> Tensor:
+def _predict(model: nn.Module, images: Tensor, batch_size: int, refine: str = "none",
+             threshold: float | None = None) -> Tensor:
     """Argmax labels ``(N, H, W)`` int64 on CPU (``refine="pamr"``: of the class
-    probabilities refined by :func:`medseg_core.refine.pamr`)."""
+    probabilities refined by :func:`medseg_core.refine.pamr`). With
+    ``threshold`` (binary segmentation only): foreground where its
+    probability is at least ``threshold`` (argmax is 0.5)."""
     if refine not in ("none", "pamr"):
         raise ValueError(f"unknown prediction refinement {refine!r}; valid: ['none', 'pamr']")
     param = next(model.parameters(), None)
@@ -114,7 +117,14 @@ def _predict(model: nn.Module, images: Tensor, batch_size: int, refine: str = "n
         logits = model(x)
         if refine == "pamr":
             logits = pamr(x, logits.softmax(dim=1))  # probabilities: the same argmax order
-        out.append(logits.argmax(dim=1).cpu())
+        if threshold is not None:
+            if logits.shape[1] != 2:
+                raise ValueError(f"a foreground threshold needs binary segmentation; the model "
+                                 f"predicts {logits.shape[1]} classes")
+            out.append((logits.softmax(dim=1)[:, 1] >= threshold).long().cpu() if refine != "pamr"
+                       else (logits[:, 1] >= threshold).long().cpu())
+        else:
+            out.append(logits.argmax(dim=1).cpu())
     return torch.cat(out) if out else torch.zeros((0, *images.shape[2:]), dtype=torch.int64)
 
 
@@ -167,6 +177,7 @@ def evaluate_segmentation(
     min_component_voxels: int = 0,
     case_keep: Tensor | None = None,
     refine: str = "none",
+    threshold: float | None = None,
 ) -> SegMetrics:
     """Predict every slice, group slices into cases and score each case.
 
@@ -199,6 +210,10 @@ def evaluate_segmentation(
         ``"pamr"``: each slice's class probabilities are refined by the
         image's local affinities before the argmax
         (:func:`medseg_core.refine.pamr`; ``evaluation.refine``).
+    threshold
+        Binary segmentation: foreground where its (refined) probability is at
+        least this, instead of the argmax (a site's calibrated threshold,
+        :func:`medseg_core.calibration.calibrate_threshold`).
 
     Returns
     -------
@@ -215,7 +230,7 @@ def evaluate_segmentation(
     was_training = model.training
     model.eval()
     try:
-        preds = _predict(model, images, batch_size, refine)
+        preds = _predict(model, images, batch_size, refine, threshold)
     finally:
         model.train(was_training)
 

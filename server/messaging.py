@@ -24,6 +24,7 @@ def site_settings(scenario: ScenarioConfig) -> dict[str, Any]:
     return {
         keys.MIN_COMPONENT_VOXELS: scenario.evaluation.min_component_voxels,
         keys.EVAL_REFINE: scenario.evaluation.refine,
+        keys.EVAL_THRESHOLD: scenario.evaluation.threshold,
         "model": scenario.model.model_dump_json(),
         "data": scenario.data.model_dump_json(),
         "weak": scenario.train.weak.model_dump_json(),

@@ -36,6 +36,7 @@ class SiteResult:
     label_regime: str | None = None
     bag_auc: float | None = None
     mil_auc: float | None = None  # bag sites: the MIL head's bag-level prediction
+    threshold: float | None = None  # evaluation.threshold: site: the site's calibrated one
     dice_empty_baseline: float | None = None
     dice_se: float | None = None
     # train.personalize: ``dice`` is with the site's personalised private
@@ -125,6 +126,7 @@ def evaluate_sites(
         hd = float(s.get(keys.HD95, math.nan))
         auc = float(s.get(keys.AUC, math.nan))
         mil_auc = float(s.get(keys.MIL_AUC, math.nan))
+        tau = float(s.get(keys.THRESHOLD, math.nan))
         empty = float(s.get(keys.EMPTY_DICE, math.nan))
         se = float(s.get(keys.DICE_SE, math.nan))
         # n == 0: the site has no masks on this split (image-level labels only)
@@ -140,6 +142,7 @@ def evaluate_sites(
                 n_train=int(s.get(keys.N_TRAIN, 0)), label_regime=str(s.get(keys.LABEL_REGIME, "")),
                 bag_auc=auc if math.isfinite(auc) else None,
                 mil_auc=mil_auc if math.isfinite(mil_auc) else None,
+                threshold=tau if math.isfinite(tau) else None,
                 dice_empty_baseline=empty if math.isfinite(empty) else None,
                 dice_se=se if n and math.isfinite(se) else None,
                 personalized=bool(s.get(keys.PERSONALIZED, False)),

@@ -105,7 +105,7 @@ def _train_arm(
             num_classes=scenario.data.num_classes,
             min_component_voxels=scenario.evaluation.min_component_voxels,
             refine=scenario.evaluation.refine,
-        ).dice
+        ).dice  # (argmax: a pooled / local baseline's validation picks its round uncalibrated)
         if v > best_val:
             best_state, best_val = state, v
     eps = epsilon_of(acc, scenario.privacy.delta) if acc is not None else None
@@ -114,7 +114,8 @@ def _train_arm(
 
 def _score(scenario: ScenarioConfig, state: dict[str, np.ndarray], sess: SiteSession) -> dict:
     m = sess.evaluate(state, "test", min_component_voxels=scenario.evaluation.min_component_voxels,
-                      bag_gate=scenario.evaluation.bag_gate, refine=scenario.evaluation.refine)
+                      bag_gate=scenario.evaluation.bag_gate, refine=scenario.evaluation.refine,
+                      threshold=scenario.evaluation.threshold)
     out: dict = {"dice": m.dice, "hd95": m.hd95, "dice_empty_baseline": m.empty_dice,
                  "dice_se": m.dice_se}
     if m.auc is not None:

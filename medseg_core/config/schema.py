@@ -86,6 +86,13 @@ class EvalConfig(_Strict):
     # image's own local affinities before the argmax (medseg_core/refine.py): a
     # post-processing step like min_component_voxels, applied to every arm
     refine: Literal["none", "pamr"] = "none"
+    # "site": every site scores at its own foreground threshold, calibrated for
+    # the model being scored on its own training cases' labels (image-level class,
+    # bag label, or a mask with or without lesion): the threshold in 0.05-0.95 at
+    # which "the case has a predicted lesion" best matches them (balanced
+    # accuracy; medseg_core/calibration.py). Binary segmentation only.
+    # "argmax": no calibration
+    threshold: Literal["argmax", "site"] = "argmax"
 
 
 class PrivacyConfig(_Strict):
@@ -272,6 +279,16 @@ class ScenarioConfig(_Strict):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             raise ValueError(f"site ids must be unique; duplicated: {dup}")
+        return self
+
+    @model_validator(mode="after")
+    def _site_threshold_is_binary(self) -> ScenarioConfig:
+        if self.evaluation.threshold == "site" and self.data.num_classes != 2:
+            raise ValueError(
+                f"evaluation.threshold is 'site' but data.num_classes is {self.data.num_classes}: "
+                "a site's calibrated threshold is on one foreground class's probability. Fix: "
+                "evaluation.threshold: argmax, or a binary task (num_classes: 2)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -35,6 +35,9 @@ class SiteEval:
     dice_se: float | None = None
     # bag sites: AUC of the MIL head's bag-level prediction (None otherwise)
     mil_auc: float | None = None
+    # the foreground threshold the masks were scored at (None: the argmax;
+    # evaluation.threshold: site, medseg_core/calibration.py)
+    threshold: float | None = None
 
 
 def case_has_lesion(data: SliceSet) -> torch.Tensor:
@@ -56,6 +59,7 @@ def _cases_with_masks(data: SliceSet) -> SliceSet | None:
 def evaluate_split(
     model: nn.Module, data: SliceSet, *, num_classes: int, min_component_voxels: int = 0,
     with_auc: bool = False, bags: bool = False, bag_gate: bool = False, refine: str = "none",
+    threshold: float | None = None,
 ) -> SiteEval:
     """Score ``model`` (weights loaded) on ``data``.
 
@@ -65,8 +69,8 @@ def evaluate_split(
     bag and the model has a MIL head), also the AUC of the MIL head's
     bag-level prediction (with ``with_auc``); with ``bag_gate`` as well, a
     case the MIL head calls negative (probability < 0.5) is segmented as
-    all background. ``refine``: post-processing of the predictions
-    (:func:`medseg_core.metrics.evaluate_segmentation`).
+    all background. ``refine``, ``threshold``: post-processing of the
+    predictions (:func:`medseg_core.metrics.evaluate_segmentation`).
     """
     if bag_gate and not bags:
         raise ValueError("bag_gate needs bags=True (cases that are MIL bags and a MIL head)")
@@ -77,7 +81,7 @@ def evaluate_split(
                 if bag_gate else None)
         seg = evaluate_state(model, None, masked, num_classes=num_classes,
                              min_component_voxels=min_component_voxels, case_keep=keep,
-                             refine=refine)
+                             refine=refine, threshold=threshold)
         empty = float((~case_has_lesion(masked)).float().mean())
     auc, mil_auc = float("nan"), float("nan")
     if with_auc and len(data):
@@ -96,5 +100,5 @@ def evaluate_split(
         n_dice=0 if masked is None else len(masked), auc=None if np.isnan(auc) else auc,
         empty_dice=empty,
         dice_se=None if seg is None or not np.isfinite(seg.dice_se) else float(seg.dice_se),
-        mil_auc=None if np.isnan(mil_auc) else mil_auc,
+        mil_auc=None if np.isnan(mil_auc) else mil_auc, threshold=threshold,
     )

@@ -365,9 +365,10 @@ def evaluate_state(
     min_component_voxels: int = 0,
     case_keep: torch.Tensor | None = None,
     refine: str = "none",
+    threshold: float | None = None,
 ) -> SegMetrics:
     """Segmentation metrics of ``state`` (or the model's current weights) on
-    ``data`` (``case_keep``, ``refine``: see
+    ``data`` (``case_keep``, ``refine``, ``threshold``: see
     :func:`medseg_core.metrics.evaluate_segmentation`)."""
     if data.labels is None:
         raise ValueError("evaluation needs masks; this SliceSet has none")
@@ -376,4 +377,5 @@ def evaluate_state(
     return evaluate_segmentation(
         model, data.images, data.labels, data.case_index, num_classes=num_classes,
         min_component_voxels=min_component_voxels, case_keep=case_keep, refine=refine,
+        threshold=threshold,
     )

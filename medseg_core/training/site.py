@@ -31,6 +31,7 @@ import torch
 
 from medseg_core.adaptation import AdaptationStore, check_shared_only, local_keys, merge_state, split_state
 from medseg_core.adaptation.tta import TTAResult, adapt_unlabeled
+from medseg_core.calibration import calibrate_threshold
 from medseg_core.config import DataConfig, LabelRegime, ModelConfig, SiteConfig, WeakConfig
 from medseg_core.data.integrity import require_valid_site
 from medseg_core.data.slices import SliceSet, load_slices
@@ -391,7 +392,7 @@ class SiteSession(SiteData):
     def evaluate(
         self, state: Mapping[str, np.ndarray], split: str, *, min_component_voxels: int = 0,
         run_name: str = "", model_round: int = 0, bag_gate: bool = False, refine: str = "none",
-        personalized: bool = False,
+        personalized: bool = False, threshold: str = "argmax",
     ) -> SiteEval:
         """Metrics of the global ``state`` (of round ``model_round``) on the
         site's ``"val"`` or ``"test"`` split, with the site's private
@@ -404,7 +405,11 @@ class SiteSession(SiteData):
         bag the MIL head calls negative is segmented as all background
         (``evaluation.bag_gate``; other sites ignore it). ``refine``: see
         ``evaluation.refine``. ``personalized``: with the private layers
-        :meth:`personalize` kept for ``model_round``.
+        :meth:`personalize` kept for ``model_round``. ``threshold="site"``:
+        masks are scored at the foreground threshold calibrated for this
+        model on the site's own training labels
+        (:func:`medseg_core.calibration.calibrate_threshold`;
+        ``evaluation.threshold``); the argmax where they hold one class only.
 
         Raises
         ------
@@ -412,6 +417,8 @@ class SiteSession(SiteData):
             ``personalized`` but the site holds no personalised layers for
             this run and round.
         """
+        if threshold not in ("argmax", "site"):
+            raise ValueError(f"unknown evaluation threshold {threshold!r}; valid: ['argmax', 'site']")
         model = build_segmenter(self.model_cfg, self.data_cfg)
         if personalized:
             if not self.has_personalized(run_name, model_round):
@@ -426,10 +433,21 @@ class SiteSession(SiteData):
         else:
             load_state(model, self.full_state(state, run_name, model_round))
         bags = self.is_bag_site
-        return evaluate_split(model, self.split_set(split), num_classes=self.data_cfg.num_classes,
+        data = self.split_set(split)
+        tau = None
+        if threshold == "site" and data.labels is not None and bool(data.has_mask.any()):
+            tr = self.train_set
+            found = calibrate_threshold(model, tr.images, tr.case_index, self.train_case_labels,
+                                        min_component_voxels=min_component_voxels, refine=refine)
+            if found is None:
+                logger.warning("site %s: its training cases hold one class only; scored at the "
+                               "argmax (evaluation.threshold: site)", self.site.id)
+            else:
+                tau = found[0]
+        return evaluate_split(model, data, num_classes=self.data_cfg.num_classes,
                               min_component_voxels=min_component_voxels,
                               with_auc=split == "test", bags=bags, bag_gate=bag_gate and bags,
-                              refine=refine)
+                              refine=refine, threshold=tau)
 
     def append_ledger(
         self, server_round: int, plan: RoundPrivacyPlan, epsilon: float, steps: int,

@@ -138,6 +138,23 @@ class SiteData:
         va = [p for p in va if cases[p].label is not None]
         return all_slices.subset(tr), (all_slices.subset(va) if va else None)
 
+    @cached_property
+    def train_case_labels(self) -> torch.Tensor:
+        """``(n_cases,)`` int64 per training case (of :attr:`train_set`):
+        1 if it has a lesion, 0 if not, -1 unknown; from its image-level or
+        bag ``class``, else from its mask (any foreground)."""
+        tr = self.train_set
+        n = len(tr.case_ids)
+        cls = torch.full((n,), -1, dtype=torch.int64).scatter_reduce(
+            0, tr.case_index, tr.classes.long(), reduce="amax", include_self=False)
+        if tr.labels is not None:
+            fg = (tr.labels.flatten(1) > 0).any(dim=1).long()
+            masked = tr.has_mask
+            from_mask = torch.full((n,), -1, dtype=torch.int64).scatter_reduce(
+                0, tr.case_index[masked], fg[masked], reduce="amax", include_self=False)
+            cls = torch.where(cls < 0, from_mask, cls)
+        return cls
+
     @property
     def train_set(self) -> SliceSet:
         """Training slices (after the local validation split)."""

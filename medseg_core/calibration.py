@@ -1,0 +1,99 @@
+"""A site's own operating threshold, calibrated on its own image-level labels.
+
+Under DP-SGD a federated segmenter can rank a site's cases well (the
+maximum lesion probability separates positives from negatives: image AUC
+0.88-0.97 on the mixed-regime image sites) while its probabilities sit on
+the wrong side of 0.5 at that site: lesions at p = 0.3 (timid), or a
+background region at p = 0.6 (flooded). The argmax then scores the ranking
+badly. Every site knows, for its own training cases, whether each has a
+lesion: an image-level ``class``, a bag's label, or a mask with or without
+foreground. :func:`calibrate_threshold` picks the foreground threshold at
+which "the case has a predicted lesion" (at least ``min_component_voxels``
+pixels at or above it; scoring also asks them to be connected) best agrees
+with those labels: the balanced accuracy, ties to the threshold
+nearest 0.5. This is the site choosing its operating point, as a deployed
+classifier's is chosen at each hospital; it reads only the site's own
+training labels and the global model, and is used by ``evaluation.threshold:
+site`` for every scored prediction at that site (validation and test, every
+arm alike).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from medseg_core.refine import pamr
+
+__all__ = ["THRESHOLD_GRID", "calibrate_threshold", "foreground_probability"]
+
+logger = logging.getLogger(__name__)
+
+THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
+"""Candidate thresholds, 0.05 to 0.95."""
+
+
+@torch.no_grad()
+def foreground_probability(model: nn.Module, images: Tensor, *, refine: str = "none",
+                           batch_size: int = 64) -> Tensor:
+    """``(N, H, W)`` probability of the foreground class (binary
+    segmentation), PAMR-refined with ``refine="pamr"`` as scoring does."""
+    was = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size]
+            p = model(x).softmax(dim=1)
+            if p.shape[1] != 2:
+                raise ValueError(f"a foreground threshold needs binary segmentation; the model "
+                                 f"predicts {p.shape[1]} classes")
+            out.append((pamr(x, p) if refine == "pamr" else p)[:, 1])
+    finally:
+        model.train(was)
+    return torch.cat(out) if out else torch.zeros((0, *images.shape[2:]))
+
+
+def calibrate_threshold(
+    model: nn.Module, images: Tensor, case_index: Tensor, case_labels: Tensor, *,
+    min_component_voxels: int = 0, refine: str = "none",
+    grid: tuple[float, ...] = THRESHOLD_GRID,
+) -> tuple[float, float] | None:
+    """The grid threshold whose "case has a predicted lesion" best matches
+    ``case_labels`` (balanced accuracy; ties: nearest 0.5).
+
+    Parameters
+    ----------
+    images, case_index
+        The site's training slices and the case of each.
+    case_labels
+        ``(n_cases,)`` int64: 1 lesion, 0 none, -1 unknown (not used).
+
+    Returns
+    -------
+    (threshold, balanced accuracy), or None when the known labels do not
+    hold both classes (nothing to calibrate against).
+    """
+    known = case_labels >= 0
+    pos, neg = known & (case_labels == 1), known & (case_labels == 0)
+    if not bool(pos.any()) or not bool(neg.any()):
+        return None
+    prob = foreground_probability(model, images, refine=refine).flatten(1)
+    # a case's reach: the highest threshold at which at least min_component_voxels
+    # of its pixels are foreground (its k-th highest probability; connectivity is
+    # not checked, which keeps this cheap enough for every evaluation round)
+    k = max(1, min_component_voxels)
+    reach = torch.zeros(len(case_labels))
+    for c in torch.nonzero(known).squeeze(1).tolist():
+        p = prob[case_index == c].flatten()
+        reach[c] = p.topk(min(k, p.numel())).values[-1]
+    best: tuple[float, float] | None = None
+    for t in grid:
+        hit = reach >= t
+        ba = 0.5 * (float(hit[pos].float().mean()) + float((~hit[neg]).float().mean()))
+        if best is None or ba > best[1] + 1e-12 or (
+                abs(ba - best[1]) <= 1e-12 and abs(t - 0.5) < abs(best[0] - 0.5)):
+            best = (t, ba)
+    return best
