@@ -73,3 +73,11 @@ def test_mixed_regime_federation_with_compare(tmp_path: Path) -> None:
         raw = float(row.split("none: dice ")[1].split()[0])
         assert raw == pytest.approx(per[sid]["dice"], abs=5e-4)
         assert "pamr: dice" in row
+
+    # --site-threshold adds each site's calibrated threshold (evaluation.threshold: site)
+    proc = subprocess.run([sys.executable, str(bench), str(out), "--site-threshold"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("reports "))
+    tau = float(row.split("pamr at site threshold ")[1].split(":")[0])
+    assert 0.0 < tau < 1.0 and "false-positive cases" in row.split("site threshold")[1]
