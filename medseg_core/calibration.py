@@ -20,16 +20,12 @@ arm alike).
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor, nn
 
 from medseg_core.refine import pamr
 
 __all__ = ["THRESHOLD_GRID", "calibrate_threshold", "foreground_probability"]
-
-logger = logging.getLogger(__name__)
 
 THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
 """Candidate thresholds, 0.05 to 0.95."""
@@ -40,17 +36,19 @@ def foreground_probability(model: nn.Module, images: Tensor, *, refine: str = "n
                            batch_size: int = 64) -> Tensor:
     """``(N, H, W)`` probability of the foreground class (binary
     segmentation), PAMR-refined with ``refine="pamr"`` as scoring does."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
     was = model.training
     model.eval()
     out = []
     try:
         for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size]
+            x = images[i:i + batch_size].to(device)
             p = model(x).softmax(dim=1)
             if p.shape[1] != 2:
                 raise ValueError(f"a foreground threshold needs binary segmentation; the model "
                                  f"predicts {p.shape[1]} classes")
-            out.append((pamr(x, p) if refine == "pamr" else p)[:, 1])
+            out.append((pamr(x, p) if refine == "pamr" else p)[:, 1].cpu())
     finally:
         model.train(was)
     return torch.cat(out) if out else torch.zeros((0, *images.shape[2:]))

@@ -21,6 +21,7 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from scipy import ndimage
 from torch import Tensor, nn
 
+from medseg_core.calibration import foreground_probability
 from medseg_core.errors import DataIntegrityError
 from medseg_core.refine import pamr
 
@@ -109,6 +110,9 @@ def _predict(model: nn.Module, images: Tensor, batch_size: int, refine: str = "n
     probability is at least ``threshold`` (argmax is 0.5)."""
     if refine not in ("none", "pamr"):
         raise ValueError(f"unknown prediction refinement {refine!r}; valid: ['none', 'pamr']")
+    if threshold is not None:
+        return (foreground_probability(model, images, refine=refine, batch_size=batch_size)
+                >= threshold).long()
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     out = []
@@ -117,14 +121,7 @@ def _predict(model: nn.Module, images: Tensor, batch_size: int, refine: str = "n
         logits = model(x)
         if refine == "pamr":
             logits = pamr(x, logits.softmax(dim=1))  # probabilities: the same argmax order
-        if threshold is not None:
-            if logits.shape[1] != 2:
-                raise ValueError(f"a foreground threshold needs binary segmentation; the model "
-                                 f"predicts {logits.shape[1]} classes")
-            out.append((logits.softmax(dim=1)[:, 1] >= threshold).long().cpu() if refine != "pamr"
-                       else (logits[:, 1] >= threshold).long().cpu())
-        else:
-            out.append(logits.argmax(dim=1).cpu())
+        out.append(logits.argmax(dim=1).cpu())
     return torch.cat(out) if out else torch.zeros((0, *images.shape[2:]), dtype=torch.int64)
 
 

@@ -106,8 +106,9 @@ class WeakConfig(_Strict):
     # server averages each array over the sites that changed it
     # (server.federation.average_over_trainers), so the frozen copies do not
     # dilute it. Under DP a weak site's noisy, background-heavy pixel terms pulled
-    # the shared decoder to "no lesion" (README, "Stop 18"). "none": every site
-    # trains every shared array
+    # the shared decoder to "no lesion" (README, "Stop 18"); freezing it there did
+    # not lift the image-level sites (README, "Stop 19"). "none": every site trains
+    # every shared array
     weak_sites_freeze: Literal["none", "decoder", "encoder"] = "none"
 
     @model_validator(mode="after")
