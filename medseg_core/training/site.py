@@ -17,14 +17,11 @@ State kept in ``state_dir`` (never sent anywhere):
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import zlib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,92 +32,30 @@ from medseg_core.calibration import calibrate_threshold
 from medseg_core.config import DataConfig, LabelRegime, ModelConfig, SiteConfig, WeakConfig
 from medseg_core.data.integrity import require_valid_site
 from medseg_core.data.slices import SliceSet, load_slices
-from medseg_core.metrics import SegMetrics
-from medseg_core.errors import ConfigError, PrivacyBudgetExceeded
+from medseg_core.errors import ConfigError
 from medseg_core.weak import WeakSettings
-from medseg_core.privacy.accountant import (
-    epsilon_of,
-    load_accountant,
-    projected_epsilon,
-    save_accountant,
-)
-from medseg_core.privacy.budget import FIX_HINT, RoundPrivacyPlan, plan_round
+from medseg_core.privacy.accountant import epsilon_of, save_accountant
 from medseg_core.training.evaluation import SiteEval, evaluate_split
 from medseg_core.training.personalize import PersonalizeOutcome, personal_store, personalize
 from medseg_core.training.replay import ReplyCache, state_digest
 from medseg_core.training.session import (
-    FitResult,
     FitSettings,
-    bag_batch_size,
     build_segmenter,
     evaluate_state,
     fit,
     fit_bags,
     load_state,
-    steps_per_epoch,
     weak_site_trainable,
 )
-from medseg_core.training.site_data import SiteData
+from medseg_core.training.rounds import RoundOutcome, RoundRequest, outcome_from_cache
+from medseg_core.training.site_privacy import SitePrivacy
 
 __all__ = ["PersonalizeOutcome", "RoundOutcome", "RoundRequest", "SiteEval", "SiteSession"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RoundRequest:
-    """What the server asks of a site for one training round."""
-
-    server_round: int
-    total_rounds: int
-    local_epochs: int
-    lr: float
-    batch_size: int
-    optimizer: str = "adam"
-    momentum: float = 0.0
-    proximal_mu: float = 0.0
-    run_name: str = ""
-    min_component_voxels: int = 0
-    refine: str = "none"  # post-processing of the validation predictions (evaluation.refine)
-    # train.weak.positives_gate: whether this round trains the decoder on weak
-    # positives (None: the run has no gate)
-    positives_gate_open: bool | None = None
-    # epochs of post-federation personalisation whose DP budget the rounds
-    # leave free (train.personalize.epochs; 0: none)
-    reserve_epochs: int = 0
-
-
-def _outcome_from_cache(shared: dict[str, np.ndarray], stats: dict) -> RoundOutcome:
-    """A stored reply as a :class:`RoundOutcome` (see :mod:`.replay`)."""
-    val = stats.get("val")
-    return RoundOutcome(
-        fit=FitResult(state=shared, loss=float(stats["loss"]), steps=int(stats["steps"]),
-                      num_examples=int(stats["num_examples"]), seconds=float(stats["seconds"])),
-        shared=shared, n_train=int(stats["n_train"]),
-        val=None if val is None else SegMetrics(dice=float(val["dice"]), hd95=float(val["hd95"]),
-                                                n_cases=int(val["n_cases"]), per_case_dice=()),
-        privacy=None if stats.get("privacy") is None else RoundPrivacyPlan(**stats["privacy"]),
-        epsilon=None if stats.get("epsilon") is None else float(stats["epsilon"]),
-    )
-
-
-@dataclass(frozen=True)
-class RoundOutcome:
-    """A site's result for one round (weights + statistics + privacy).
-
-    ``shared`` is the only state that may leave the site: the trained
-    weights without the site-private adaptation parameters.
-    """
-
-    fit: FitResult
-    shared: dict[str, np.ndarray]
-    n_train: int
-    val: SegMetrics | None
-    privacy: RoundPrivacyPlan | None
-    epsilon: float | None  # cumulative, measured by the accountant after the round
-
-
-class SiteSession(SiteData):
+class SiteSession(SitePrivacy):
     """One site's data, model factory and privacy state.
 
     Parameters
@@ -213,86 +148,12 @@ class SiteSession(SiteData):
                            batch_size=batch_size, min_component_voxels=min_component_voxels,
                            refine=refine, positives_gate_open=positives_gate_open)
 
-    def fixed_noise_plan(self, accountant: object, sigma: float, q: float, steps: int,
-                          what: str) -> RoundPrivacyPlan:
-        """The plan of ``steps`` DP steps at the run's fixed noise ``sigma``;
-        raises PrivacyBudgetExceeded (nothing trained) if they would pass the cap."""
-        before = epsilon_of(accountant, self.site.delta)
-        after = projected_epsilon(accountant, noise_multiplier=sigma, sample_rate=q, steps=steps,
-                                  delta=self.site.delta)
-        if after > self.site.epsilon * (1 + 1e-6):
-            raise PrivacyBudgetExceeded(
-                f"site {self.site.id!r}: {what} would take epsilon from {before:.4f} to "
-                f"{after:.4f}, past the site's cap {self.site.epsilon:g} "
-                f"(delta={self.site.delta:g}); the site does not train. Fix: {FIX_HINT}."
-            )
-        return RoundPrivacyPlan(
-            noise_multiplier=sigma, max_grad_norm=self.site.max_grad_norm, sample_rate=q,
-            steps=steps, epsilon_before=before, epsilon_after=after, delta=self.site.delta,
-            accountant=self.site.accountant,
-        )
-
     def export_shared(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The part of ``state`` that may be sent; raises AdaptationLeakError
         if a private key would remain (nothing is sent then)."""
         shared, _ = split_state(state, self.local_keys)
         check_shared_only(shared, self.local_keys, what=f"site {self.site.id!r} outgoing update")
         return shared
-
-    # --------------------------------------------------------------- privacy
-    @property
-    def accountant_path(self) -> Path:
-        """Where this site's accountant lives."""
-        return self.site.state_dir / "accountant.json"
-
-    def load_accountant(self):  # noqa: ANN201 - opacus IAccountant
-        """The site's accountant as persisted (fresh if none yet)."""
-        return load_accountant(self.accountant_path, self.site.accountant)
-
-    def epsilon_spent(self) -> float:
-        """Cumulative epsilon at the site's delta (0.0 before any DP step)."""
-        return epsilon_of(self.load_accountant(), self.site.delta)
-
-    def dp_steps_per_epoch(self, batch_size: int) -> int:
-        """DP steps per epoch over the site's privacy units (slices, or bags)."""
-        if self.is_bag_site:
-            bags = self.train_bags
-            return steps_per_epoch(len(bags), bag_batch_size(batch_size, bags.images.shape[1]))
-        return steps_per_epoch(len(self.train_set), batch_size)
-
-    def plan(self, req: RoundRequest, *, accountant: object) -> RoundPrivacyPlan:
-        """This round's DP parameters; raises PrivacyBudgetExceeded if it cannot fit.
-
-        The noise multiplier is calibrated once per run (at the site's first
-        round of that run) so the planned rounds spend the remaining budget
-        evenly (less the share of ``req.reserve_epochs`` personalisation
-        epochs at the same sample rate), then kept fixed: a later round that
-        would take the site past its cap is refused rather than trained with
-        ever larger noise.
-        """
-        spe = self.dp_steps_per_epoch(req.batch_size)
-        q, steps = 1.0 / spe, spe * req.local_epochs
-        path = self.site.state_dir / "privacy_plan.json"
-        stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        key = {"run": req.run_name, "sample_rate": q, "steps": steps,
-               "reserve_steps": spe * req.reserve_epochs}
-        if stored is not None and all(stored.get(k) == v for k, v in key.items()):
-            return self.fixed_noise_plan(accountant, float(stored["noise_multiplier"]), q, steps,
-                                          f"round {req.server_round}")
-        plan = plan_round(
-            accountant,
-            epsilon_cap=self.site.epsilon,
-            delta=self.site.delta,
-            max_grad_norm=self.site.max_grad_norm,
-            sample_rate=q,
-            steps_this_round=steps,
-            rounds_remaining=max(1, req.total_rounds - req.server_round + 1),
-            reserve_steps=spe * req.reserve_epochs,
-        )
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**key, "noise_multiplier": plan.noise_multiplier}), encoding="utf-8")
-        os.replace(tmp, path)
-        return plan
 
     # ------------------------------------------------------------------ round
     def train_round(self, global_state: Mapping[str, np.ndarray], req: RoundRequest) -> RoundOutcome:
@@ -314,7 +175,7 @@ class SiteSession(SiteData):
             # training again would spend the budget twice.
             logger.info("site %s round %d: replayed request, answering with the stored reply",
                         self.site.id, req.server_round)
-            return _outcome_from_cache(*replay)
+            return outcome_from_cache(*replay)
         model = build_segmenter(self.model_cfg, self.data_cfg)
         load_state(model, self.full_state(global_state, req.run_name, req.server_round, before=True))
         accountant = self.load_accountant() if self.site.dp_enabled else None
@@ -448,16 +309,3 @@ class SiteSession(SiteData):
                               min_component_voxels=min_component_voxels,
                               with_auc=split == "test", bags=bags, bag_gate=bag_gate and bags,
                               refine=refine, threshold=tau)
-
-    def append_ledger(
-        self, server_round: int, plan: RoundPrivacyPlan, epsilon: float, steps: int,
-        phase: str = "train",
-    ) -> None:
-        """Append a row to the site's own privacy ledger (fsynced)."""
-        row = {"round": server_round, "phase": phase, **asdict(plan), "steps_taken": steps,
-               "epsilon": epsilon}
-        path = self.site.state_dir / "ledger.jsonl"
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
