@@ -79,7 +79,7 @@ def main() -> None:
     for spec in scenario.sites:
         if spec.dims == 3:
             continue
-        site = materialise_site(spec, scenario, args.run / "data")
+        site = materialise_site(spec, scenario, args.run)
         test = SiteSession(site, model_cfg=scenario.model, data_cfg=scenario.data).test_set
         y = test.labels[:, 0] > 0
         pos = y.flatten(1).any(1)

@@ -1,8 +1,9 @@
 """What does ``evaluation.refine: pamr`` change? Both post-processings side by side.
 
 For one global checkpoint of a finished ``medseg simulate`` run (its selected
-round by default) and every site, scores the test split twice, with the
-run's own ``min_component_voxels`` (and MIL bag gate): raw argmax and
+round by default), merged with each site's private adaptation layers of that
+round where the run has them (``model.adaptation``), and every site, scores
+the test split twice, with the run's own ``min_component_voxels`` (and MIL bag gate): raw argmax and
 PAMR-refined (:func:`medseg_core.refine.pamr`). Prints the test Dice of each,
 the Dice over positive cases, and the fraction of lesion-free test cases
 that get any predicted lesion (false-positive cases). With ``--site-threshold``
@@ -44,17 +45,21 @@ def main() -> None:
                     help="also score at each site's calibrated threshold (refined)")
     args = ap.parse_args()
     scenario = parse_model(ScenarioConfig, json.loads((args.run / "scenario.json").read_text()))
-    rnd = args.round or json.loads((args.run / "summary.json").read_text())["federated"]["selected_round"]
+    federated = json.loads((args.run / "summary.json").read_text())["federated"]
+    rnd = args.round or federated["selected_round"]
     model = build_segmenter(scenario.model, scenario.data)
-    load_state(model, {**{k: v.numpy() for k, v in model.state_dict().items()},
-                       **load_checkpoint(args.run / "server" / "checkpoints" / f"round_{rnd:04d}").arrays})
-    model.eval()
+    defaults = {k: v.numpy() for k, v in model.state_dict().items()}
+    arrays = load_checkpoint(args.run / "server" / "checkpoints" / f"round_{rnd:04d}").arrays
     ev = scenario.evaluation
     print(f"run {args.run}, global model of round {rnd}; min_component_voxels "
           f"{ev.min_component_voxels}, bag_gate {ev.bag_gate}")
     for spec in scenario.sites:
-        sess = SiteSession(materialise_site(spec, scenario, args.run / "data"),
+        sess = SiteSession(materialise_site(spec, scenario, args.run),
                            model_cfg=scenario.model, data_cfg=scenario.data)
+        # the site's private adaptation layers of that round (model.adaptation), as in the run
+        shared = {**{k: v for k, v in defaults.items() if k not in sess.local_keys}, **arrays}
+        load_state(model, sess.full_state(shared, federated["run_id"], rnd))
+        model.eval()
         test = sess.test_set
         if test.labels is None:
             print(f"{spec.id:20s} no test masks: nothing to score")
