@@ -1,4 +1,4 @@
-"""All Opacus glue: make_private, accountant state <-> dict, budget planning.
+"""All Opacus glue: make_private, accountant state <-> dict, noise calibration, budget planning.
 
 Importing this package registers the fast per-sample gradient samplers of
 :mod:`medseg_core.privacy.grad_samplers` with Opacus.
@@ -8,13 +8,12 @@ from medseg_core.privacy.accountant import (
     ACCOUNTANTS,
     accountant_from_dict,
     accountant_to_dict,
-    calibrate_noise,
     epsilon_of,
     load_accountant,
     new_accountant,
-    projected_epsilon,
     save_accountant,
 )
+from medseg_core.privacy.noise import calibrate_noise, projected_epsilon
 from medseg_core.privacy.budget import RoundPrivacyPlan, plan_round
 from medseg_core.privacy.engine import (
     GRAD_SAMPLE_MODES,

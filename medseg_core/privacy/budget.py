@@ -16,11 +16,8 @@ from dataclasses import dataclass
 from opacus.accountants import IAccountant
 
 from medseg_core.errors import ConfigError, PrivacyBudgetExceeded
-from medseg_core.privacy.accountant import (
-    calibrate_noise,
-    epsilon_of,
-    projected_epsilon,
-)
+from medseg_core.privacy.accountant import epsilon_of
+from medseg_core.privacy.noise import calibrate_noise, projected_epsilon
 
 __all__ = ["RoundPrivacyPlan", "plan_round"]
 

@@ -19,7 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from medseg_core.errors import PrivacyBudgetExceeded
-from medseg_core.privacy.accountant import epsilon_of, load_accountant, projected_epsilon
+from medseg_core.privacy.accountant import epsilon_of, load_accountant
+from medseg_core.privacy.noise import projected_epsilon
 from medseg_core.privacy.budget import FIX_HINT, RoundPrivacyPlan, plan_round
 from medseg_core.training.rounds import RoundRequest
 from medseg_core.training.session import bag_batch_size, steps_per_epoch

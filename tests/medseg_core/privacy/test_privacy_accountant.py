@@ -27,7 +27,7 @@ from medseg_core.privacy import (
     projected_epsilon,
     save_accountant,
 )
-from medseg_core.privacy.accountant import EPSILON_TOLERANCE
+from medseg_core.privacy.noise import EPSILON_TOLERANCE
 from medseg_core.training import make_optimizer, train_epochs
 
 torch.set_num_threads(1)

@@ -6,7 +6,7 @@ import pytest
 
 from medseg_core.errors import ConfigError, PrivacyBudgetExceeded
 from medseg_core.privacy import RoundPrivacyPlan, epsilon_of, new_accountant, plan_round
-from medseg_core.privacy.accountant import EPSILON_TOLERANCE
+from medseg_core.privacy.noise import EPSILON_TOLERANCE
 
 DELTA = 1e-5
 Q, STEPS = 0.1, 20
