@@ -42,6 +42,7 @@ __all__ = [
     "run_federation_remote",
     "start_superlink",
     "stop",
+    "stop_unfinished_runs",
     "supernode_command",
     "unregister_node",
     "write_connection",
@@ -198,6 +199,26 @@ def online_nodes(flwr_home: Path) -> list[str]:
     nodes = data.get("nodes", [])
     return [str(n.get("node-id", n.get("node_id"))) for n in nodes
             if str(n.get("status", "")).lower() == "online"]
+
+
+def stop_unfinished_runs(flwr_home: Path) -> list[str]:
+    """Stop every Flower run the SuperLink still holds as unfinished; return their ids.
+
+    After ``kill -9`` of the aggregator, the SuperLink's database still holds
+    the dead run, and with it the instructions already queued for the sites:
+    a restarted SuperLink hands them out, so a site trains the dead run's round
+    and answers the resumed run's message only after the round timeout.
+    ``flwr stop`` finishes the run and deletes its queued messages.
+    """
+    out = _flwr(["ls", CONNECTION, "--format", "json"], flwr_home)
+    runs = json.loads(out[out.index("{"):]).get("runs", [])
+    stale = [str(r["run-id"]) for r in runs
+             if not str(r.get("status", "")).lower().startswith("finished")]
+    for run_id in stale:
+        _flwr(["stop", run_id, CONNECTION], flwr_home)
+        logger.warning("stopped Flower run %s, left unfinished by the interrupted aggregator "
+                       "(its queued messages to the sites are deleted)", run_id)
+    return stale
 
 
 def supernode_command(

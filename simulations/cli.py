@@ -156,6 +156,10 @@ def _cmd_server(args: argparse.Namespace) -> int:
                       "`medseg client` logs and that their keys are registered", file=sys.stderr)
                 return 3
             time.sleep(2)
+        if args.resume:
+            stale = deploy.stop_unfinished_runs(home)
+            if stale:
+                print(f"stopped the interrupted Flower run(s) {', '.join(stale)}", flush=True)
         print(f"{need} site(s) online; running {scenario.name} ({scenario.rounds} rounds)", flush=True)
         rc = deploy.run_federation_remote(Path(args.config), workdir, home,
                                           log=workdir / "run.log", run_name=run_name,
