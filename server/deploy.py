@@ -157,6 +157,12 @@ def _flwr(args: list[str], flwr_home: Path, timeout: float = 120) -> str:
     return out
 
 
+def _flwr_json(args: list[str], flwr_home: Path) -> dict:
+    """``flwr ARGS --format json``'s JSON object (the CLI may print lines before it)."""
+    out = _flwr([*args, "--format", "json"], flwr_home)
+    return json.loads(out[out.index("{"):])
+
+
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 60,
                   proc: subprocess.Popen | None = None) -> None:
     """Wait until something listens on ``host:port`` (or until ``proc``, the
@@ -194,9 +200,7 @@ def unregister_node(node_id: str, flwr_home: Path) -> None:
 
 def online_nodes(flwr_home: Path) -> list[str]:
     """Ids of the SuperNodes the SuperLink reports as online."""
-    out = _flwr(["supernode", "list", CONNECTION, "--format", "json"], flwr_home)
-    data = json.loads(out[out.index("{"):])
-    nodes = data.get("nodes", [])
+    nodes = _flwr_json(["supernode", "list", CONNECTION], flwr_home).get("nodes", [])
     return [str(n.get("node-id", n.get("node_id"))) for n in nodes
             if str(n.get("status", "")).lower() == "online"]
 
@@ -205,13 +209,13 @@ def stop_unfinished_runs(flwr_home: Path) -> list[str]:
     """Stop every Flower run the SuperLink still holds as unfinished; return their ids.
 
     After ``kill -9`` of the aggregator, the SuperLink's database still holds
-    the dead run, and with it the instructions already queued for the sites:
-    a restarted SuperLink hands them out, so a site trains the dead run's round
-    and answers the resumed run's message only after the round timeout.
-    ``flwr stop`` finishes the run and deletes its queued messages.
+    the dead run, and with it the instructions already queued for the sites;
+    until Flower marks that run finished (its ServerApp heartbeat lapses), a
+    restarted SuperLink still hands them out. ``flwr stop`` finishes the run
+    and deletes its queued messages. A run already marked finished is left
+    alone: Flower purges its messages itself.
     """
-    out = _flwr(["ls", CONNECTION, "--format", "json"], flwr_home)
-    runs = json.loads(out[out.index("{"):]).get("runs", [])
+    runs = _flwr_json(["ls", CONNECTION], flwr_home).get("runs", [])
     stale = [str(r["run-id"]) for r in runs
              if not str(r.get("status", "")).lower().startswith("finished")]
     for run_id in stale:

@@ -228,9 +228,8 @@ def test_kill_9_server_and_resume(tmp_path: Path) -> None:
         with RunStore(db) as store:
             assert [r["round"] for r in store.rounds(run_name)] == [1, 2, 3]
             assert all(r["finished_at"] is not None for r in store.rounds(run_name))
-            # both sites in every round: the dead Flower run, if the SuperLink still held
-            # it as running, was stopped first with its queued messages (else a site
-            # trains the dead run's round and misses the resumed one's by a timeout)
+            # both sites in every round (the dead Flower run, if the SuperLink still held
+            # it as running, was stopped first with its queued messages)
             assert all(r["n_accepted"] == 2 for r in store.rounds(run_name))
         # each site's epsilon only grew, across the crash (its own accountant)
         for sid in ("site-a", "site-b"):
