@@ -7,10 +7,10 @@ the test split twice, with the run's own ``min_component_voxels`` (and MIL
 bag gate): raw argmax and PAMR-refined (:func:`medseg_core.refine.pamr`).
 Prints the test Dice of each, the Dice over positive cases, and the
 fraction of lesion-free test cases that get any predicted lesion
-(false-positive cases). With ``--site-threshold`` a third column: PAMR-refined at the site's own calibrated foreground
-threshold (``evaluation.threshold: site``, :mod:`medseg_core.calibration`:
-calibrated for this checkpoint on the site's training labels), and the
-threshold.
+(false-positive cases). With ``--site-threshold`` a third column:
+PAMR-refined at the site's own calibrated foreground threshold
+(``evaluation.threshold: site``, :mod:`medseg_core.calibration`: calibrated
+for this checkpoint on the site's training labels), and the threshold.
 
     .venv/bin/python benchmarks/refine.py RUN_DIR [--round N] [--site-threshold]
 
