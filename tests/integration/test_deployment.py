@@ -200,8 +200,8 @@ def test_kill_9_server_and_resume(tmp_path: Path) -> None:
         # Both sites on the warm executor. With Flower's default isolation (--cold),
         # one run in four here failed: the cold SuperNode got a message of the killed
         # run as the SuperLink marked that run failed, and never answered the resumed
-        # run (a Flower SuperNode fault, README "Run a real federation"); the cold
-        # path is covered by test_tls_federation_with_registered_nodes.
+        # run (most likely a Flower SuperNode fault, README "Run a real federation");
+        # the cold path is covered by test_tls_federation_with_registered_nodes.
         for sid in ("site-a", "site-b"):
             d.client(sid, sid, f"{sid}.log")
         first = work / "server" / "checkpoints" / "round_0001"
