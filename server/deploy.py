@@ -206,30 +206,44 @@ def online_nodes(flwr_home: Path) -> list[str]:
 
 
 def stop_unfinished_runs(flwr_home: Path) -> list[str]:
-    """Stop every Flower run the SuperLink still holds as unfinished; return their ids.
+    """Stop every Flower run the SuperLink still holds as unfinished.
 
     After ``kill -9`` of the aggregator, the SuperLink's database still holds
     the dead run, and with it the instructions already queued for the sites;
     until Flower marks that run finished (its ServerApp heartbeat lapses), a
     restarted SuperLink still hands them out. ``flwr stop`` finishes the run
     and deletes its queued messages. A run already marked finished is left
-    alone: Flower purges its messages itself.
+    alone: Flower purges its messages itself; so is one the SuperLink finishes
+    between ``flwr ls`` and ``flwr stop`` (that answer is not an error).
+    Returns the ids of the runs this call stopped.
     """
     runs = _flwr_json(["ls", CONNECTION], flwr_home).get("runs", [])
     stale = [str(r["run-id"]) for r in runs
              if not str(r.get("status", "")).lower().startswith("finished")]
+    stopped = []
     for run_id in stale:
-        _flwr(["stop", run_id, CONNECTION], flwr_home)
+        try:
+            _flwr(["stop", run_id, CONNECTION], flwr_home)
+        except ConfigError as err:
+            # the SuperLink may finish the dead run itself (its ServerApp task lapsed)
+            # between `flwr ls` and `flwr stop`: then there is nothing left to stop
+            if "already finished" not in str(err):
+                raise
+            logger.info("Flower run %s finished on its own before it was stopped", run_id)
+            continue
+        stopped.append(run_id)
         logger.warning("stopped Flower run %s, left unfinished by the interrupted aggregator "
                        "(its queued messages to the sites are deleted)", run_id)
-    return stale
+    return stopped
 
 
 def supernode_command(
     *, site_yaml: Path, server: str, ca_cert: Path | None, private_key: Path | None,
     port: int, insecure: bool = False,
 ) -> list[str]:
-    """The ``flower-supernode`` command line for one hospital.
+    """The SuperNode command line for one hospital: ``flower-supernode``'s
+    arguments, run as ``python -m client.supernode`` (Flower's SuperNode with
+    each reply paired to the message it answers; see that module).
 
     Raises
     ------
@@ -239,7 +253,7 @@ def supernode_command(
     if not Path(site_yaml).is_file():
         raise ConfigError(f"site config {site_yaml} not found; it is the site's private "
                           "site.yaml (data dir, epsilon cap, state dir)")
-    cmd = [_bin("flower-supernode"), "--superlink", server, "--port", str(port),
+    cmd = [sys.executable, "-m", "client.supernode", "--superlink", server, "--port", str(port),
            "--node-config", f'site-config="{Path(site_yaml).resolve()}"']
     if insecure:
         logger.warning("!!! SuperNode WITHOUT TLS: development only. !!!")
