@@ -4,10 +4,18 @@ a subprocess (its own Ray, private FLWR_HOME and RAY_TMPDIR)."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at 127.0.0.1 (for a SuperLink or SuperNode)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def simulate(tmp_path: Path, scenario_text: str, *extra: str) -> tuple[Path, dict[str, Any], str]:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _runner import free_port
 
 from medseg_core.config import load_scenario, load_site_config
 from medseg_core.sites import materialise_site
@@ -39,12 +40,6 @@ train: {local_epochs: 1, batch_size: 4, lr: 0.01}
 privacy: {enabled: true, epsilon: 8.0}
 strategy: {round_timeout_s: 300}
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _medseg(*args: str) -> list[str]:
@@ -91,7 +86,7 @@ class _Deployment:
         nodes = [a for sid in (*self.site_yaml, *extra_nodes) for a in ("--node", sid)]
         subprocess.run(_medseg("certs", "--out", str(self.certs), "--san", "127.0.0.1", *nodes),
                        check=True, env=ENV)
-        self.port, self.work = _free_port(), tmp / "server"
+        self.port, self.work = free_port(), tmp / "server"
         self.procs: list[subprocess.Popen] = []
         self.server_cmd = _medseg("server", "--config", str(self.cfg), "--certs", str(self.certs),
                                   "--port", str(self.port), "--workdir", str(self.work),
@@ -117,7 +112,7 @@ class _Deployment:
     def client(self, site: str, key: str | None, log: str, *, insecure: bool = False,
                cold: bool = False) -> subprocess.Popen:
         cmd = ["client", "--site", str(self.site_yaml[site]), "--server", f"127.0.0.1:{self.port}",
-               "--port", str(_free_port()), "--state", str(self.tmp / f"{log}-home")]
+               "--port", str(free_port()), "--state", str(self.tmp / f"{log}-home")]
         cmd += ["--cold"] if cold else []
         cmd += ["--insecure"] if insecure else ["--ca", str(self.certs / "ca.crt")]
         if key is not None:

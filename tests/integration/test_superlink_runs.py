@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
 import pytest
+from _runner import free_port
 
 from server import deploy
 
@@ -30,19 +30,13 @@ strategy: {round_timeout_s: 300}
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _runs(home: Path) -> dict[str, str]:
     runs = deploy._flwr_json(["ls", deploy.CONNECTION], home).get("runs", [])
     return {str(r["run-id"]): str(r.get("status", "")).lower() for r in runs}
 
 
 def test_stop_unfinished_runs_on_a_live_superlink(tmp_path: Path, monkeypatch) -> None:
-    home, port = tmp_path / "flwr-home", _free_port()
+    home, port = tmp_path / "flwr-home", free_port()
     cfg = tmp_path / "run.yaml"
     cfg.write_text(SCENARIO)
     link = deploy.start_superlink(None, port=port, flwr_home=home, log=tmp_path / "superlink.log",
