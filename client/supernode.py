@@ -86,8 +86,7 @@ def install(pairing: ReplyPairing | None = None) -> ReplyPairing:
     ------
     RuntimeError
         The installed Flower has no such loop functions (a Flower other than
-        the pinned 1.41): run ``flower-supernode`` (``medseg client --cold``
-        keeps Flower's own loop too) or pin ``flwr==1.41.0``.
+        the pinned 1.41, whose loop may differ): pin ``flwr==1.41.0``.
     """
     from flwr.supernode import start_client_internal as sci
 
