@@ -79,7 +79,7 @@ class ReplyPairing:
         return paired_push
 
 
-def install(pairing: ReplyPairing | None = None) -> ReplyPairing:
+def install() -> None:
     """Patch Flower's SuperNode loop (``flwr.supernode.start_client_internal``).
 
     Raises
@@ -98,12 +98,11 @@ def install(pairing: ReplyPairing | None = None) -> ReplyPairing:
             f"flwr {getattr(flwr, '__version__', '?')} has no SuperNode loop function(s) "
             f"{missing} to pair replies in; medseg pins flwr==1.41.0 (pip install -c "
             "constraints.txt -e .)")
-    pairing = pairing or ReplyPairing()
     if not getattr(sci._push_messages, "_medseg_paired", False):
+        pairing = ReplyPairing()
         sci._pull_and_store_message = pairing.wrap_pull(sci._pull_and_store_message)
         sci._push_messages = pairing.wrap_push(sci._push_messages)
         sci._push_messages._medseg_paired = True  # type: ignore[attr-defined]
-    return pairing
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "Proc",
     "deploy_env",
     "register_node",
+    "run_statuses",
     "run_federation_remote",
     "start_superlink",
     "stop",
@@ -205,6 +206,13 @@ def online_nodes(flwr_home: Path) -> list[str]:
             if str(n.get("status", "")).lower() == "online"]
 
 
+def run_statuses(flwr_home: Path) -> dict[str, str]:
+    """Every Flower run the SuperLink holds: run id -> status, lower case
+    (``flwr ls``; e.g. ``running``, ``finished:completed``)."""
+    runs = _flwr_json(["ls", CONNECTION], flwr_home).get("runs", [])
+    return {str(r["run-id"]): str(r.get("status", "")).lower() for r in runs}
+
+
 def stop_unfinished_runs(flwr_home: Path) -> list[str]:
     """Stop every Flower run the SuperLink still holds as unfinished.
 
@@ -217,9 +225,8 @@ def stop_unfinished_runs(flwr_home: Path) -> list[str]:
     between ``flwr ls`` and ``flwr stop`` (that answer is not an error).
     Returns the ids of the runs this call stopped.
     """
-    runs = _flwr_json(["ls", CONNECTION], flwr_home).get("runs", [])
-    stale = [str(r["run-id"]) for r in runs
-             if not str(r.get("status", "")).lower().startswith("finished")]
+    stale = [run_id for run_id, status in run_statuses(flwr_home).items()
+             if not status.startswith("finished")]
     stopped = []
     for run_id in stale:
         try:

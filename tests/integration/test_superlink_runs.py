@@ -3,8 +3,6 @@ including when the SuperLink finishes it itself between listing and stopping."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -30,11 +28,6 @@ strategy: {round_timeout_s: 300}
 """
 
 
-def _runs(home: Path) -> dict[str, str]:
-    runs = deploy._flwr_json(["ls", deploy.CONNECTION], home).get("runs", [])
-    return {str(r["run-id"]): str(r.get("status", "")).lower() for r in runs}
-
-
 def test_stop_unfinished_runs_on_a_live_superlink(tmp_path: Path, monkeypatch) -> None:
     home, port = tmp_path / "flwr-home", free_port()
     cfg = tmp_path / "run.yaml"
@@ -50,13 +43,13 @@ def test_stop_unfinished_runs_on_a_live_superlink(tmp_path: Path, monkeypatch) -
         deploy._flwr(["run", str(deploy.PROJECT_ROOT), deploy.CONNECTION, "--run-config",
                       run_config], home)
         deadline = time.monotonic() + 60
-        while not _runs(home) and time.monotonic() < deadline:
+        while not deploy.run_statuses(home) and time.monotonic() < deadline:
             time.sleep(1)
-        ((run_id, status),) = _runs(home).items()
+        ((run_id, status),) = deploy.run_statuses(home).items()
         assert not status.startswith("finished"), status
 
         assert deploy.stop_unfinished_runs(home) == [run_id]
-        assert _runs(home)[run_id].startswith("finished")
+        assert deploy.run_statuses(home)[run_id].startswith("finished")
         assert deploy.stop_unfinished_runs(home) == []  # a finished run is left alone
 
         # the race: `flwr ls` still shows it running, `flwr stop` finds it finished
@@ -70,7 +63,4 @@ def test_stop_unfinished_runs_on_a_live_superlink(tmp_path: Path, monkeypatch) -
         with pytest.raises(deploy.ConfigError, match="flwr stop 12345"):
             deploy.stop_unfinished_runs(home)
     finally:
-        try:  # the SuperLink and the ServerApp it started (its process group)
-            os.killpg(link.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        deploy.stop(link)  # the SuperLink and the ServerApp it started (its process group)
