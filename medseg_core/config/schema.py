@@ -28,6 +28,8 @@ class ModelConfig(_Strict):
     norm_groups: int = Field(default=8, ge=1)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     adaptation: AdaptationMode = AdaptationMode.NONE
+    # coarse grid of the input adapter's case-conditional intensity field (0: none)
+    adapter_field_grid: int = Field(default=8, ge=0, le=64)
     weak_head: Literal["none", "cam"] = "none"  # CAM head for image-level labels
     mil_pooling: Literal["none", "attention", "max"] = "none"  # MIL bag head (implies the CAM head)
 

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from medseg_core.config import DataConfig, ModelConfig
 from medseg_core.data.augment import intensity_augmentation
+from medseg_core.errors import ConfigError
 from medseg_core.data.slices import IGNORE_LABEL, SliceSet
 from medseg_core.losses import build_loss
 from medseg_core.metrics import SegMetrics, evaluate_segmentation
@@ -124,7 +125,29 @@ def build_segmenter(model_cfg: ModelConfig, data_cfg: DataConfig) -> nn.Module:
 
 
 def load_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
-    """Load numpy weights into ``model`` (strict: same keys and shapes)."""
+    """Load numpy weights into ``model`` (strict: same keys and shapes).
+
+    Raises
+    ------
+    ConfigError
+        The keys differ (the model was built from another config than the
+        state was saved with); the missing and unexpected keys are named.
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        fix = ("build the model from the config the state was saved with (scenario.json of "
+               "the run)")
+        if any(k.startswith("adapter.field") for k in missing + unexpected):
+            fix = ("set model.adapter_field_grid to the value the state was saved with: 0 for a "
+                   "state saved before the input adapter had its intensity field (stop 23), "
+                   "else its grid (default 8)")
+        raise ConfigError(
+            f"the state does not fit the model: {len(missing)} key(s) missing "
+            f"{missing[:6]}{' ...' if len(missing) > 6 else ''}, {len(unexpected)} unexpected "
+            f"{unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}. Fix: {fix}"
+        )
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
 
 

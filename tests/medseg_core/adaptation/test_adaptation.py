@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
 from medseg_core.adaptation import (
@@ -18,8 +19,8 @@ from medseg_core.adaptation import (
     split_state,
 )
 from medseg_core.config import AdaptationMode, DataConfig, ModelConfig, parse_model
-from medseg_core.errors import AdaptationLeakError
-from medseg_core.training.session import build_segmenter
+from medseg_core.errors import AdaptationLeakError, ConfigError
+from medseg_core.training.session import build_segmenter, load_state
 
 
 def _model(mode: str) -> torch.nn.Module:
@@ -55,12 +56,82 @@ def test_unknown_mode_names_the_choices() -> None:
         parse_model(ModelConfig, {"adaptation": "nrom"})
 
 
-def test_input_adapter_is_identity_at_init_and_dp_compatible() -> None:
-    adapter = InputAdapter(3)
+@pytest.mark.parametrize("field_grid", [8, 0])
+def test_input_adapter_is_identity_at_init_and_dp_compatible(field_grid: int) -> None:
+    adapter = InputAdapter(3, field_grid=field_grid)
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(adapter(x), x)
+    assert any(n.startswith("field") for n, _ in adapter.named_parameters()) == bool(field_grid)
     model = _model("norm+adapter")
     ModuleValidator.validate(model, strict=True)
+    # Opacus computes a per-sample gradient for every adapter parameter, the
+    # field's included (pooling and interpolation are parameter-free)
+    with torch.no_grad():  # leave the identity so every layer gets a gradient
+        for p in adapter.parameters():
+            p.normal_(0.0, 0.1)
+    gsm = GradSampleModule(adapter, loss_reduction="sum")
+    gsm(x.requires_grad_(True)).pow(2).sum().backward()
+    for name, p in adapter.named_parameters():
+        assert p.grad_sample is not None and p.grad_sample.shape == (2, *p.shape), name
+        assert torch.allclose(p.grad_sample.sum(0), p.grad, atol=1e-5), name
+
+
+def test_adapter_field_grid_is_configurable_and_checked() -> None:
+    cfg = parse_model(ModelConfig, {"channels": [8, 16], "strides": [2], "norm_groups": 4,
+                                    "adaptation": "adapter", "adapter_field_grid": 0})
+    model = build_segmenter(cfg, DataConfig(image_size=32))
+    assert not any(k.startswith("adapter.field") for k in model.state_dict())
+    assert any(k.startswith("adapter.field") for k in _model("adapter").state_dict())
+    with pytest.raises(Exception, match="adapter_field_grid"):
+        parse_model(ModelConfig, {"adapter_field_grid": -1})
+    # a state saved without the field (field_grid 0) does not load silently into
+    # a model with it: the error names the setting that fixes it
+    old = {k: v.numpy() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"missing \['adapter\.field1\.bias'.*adapter_field_grid"):
+        load_state(_model("adapter"), old)
+
+
+def _shaded(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stationary textures (mean 1) under a random smooth gain per case, both
+    z-scored per case as loading does: (shaded, clean)."""
+    clean = 1.0 + 0.3 * torch.randn(n, 1, 32, 32, generator=gen)
+    coarse = torch.rand(n, 1, 3, 3, generator=gen) * 1.2 + 0.4  # gain 0.4-1.6
+    gain = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bicubic",
+                                           align_corners=True).clamp_min(0.2)
+
+    def z(t: torch.Tensor) -> torch.Tensor:
+        return (t - t.mean((2, 3), keepdim=True)) / t.std(dim=(2, 3), keepdim=True)
+
+    return z(clean * gain), z(clean)
+
+
+def test_intensity_field_undoes_a_per_case_shading_the_residual_block_cannot() -> None:
+    # A per-case multiplicative field is not a fixed filter: the residual block
+    # alone (field_grid=0) cannot learn to remove it, the case-conditional
+    # field can. Same data, same optimiser, same steps.
+    gen = torch.Generator().manual_seed(0)
+    train, target = _shaded(256, gen)
+    test, test_target = _shaded(64, gen)
+    errors = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: one thread is fastest, and safe beside workers
+    try:
+        for grid in (8, 0):
+            torch.manual_seed(0)
+            adapter = InputAdapter(1, hidden=8, field_grid=grid)
+            opt = torch.optim.Adam(adapter.parameters(), lr=1e-2)
+            for _ in range(100):
+                idx = torch.randint(0, len(train), (16,), generator=gen)
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(adapter(train[idx]), target[idx]).backward()
+                opt.step()
+            with torch.no_grad():
+                errors[grid] = float(torch.nn.functional.mse_loss(adapter(test), test_target))
+    finally:
+        torch.set_num_threads(threads)
+    before = float(torch.nn.functional.mse_loss(test, test_target))
+    assert errors[8] < 0.5 * errors[0], (errors, before)
+    assert errors[8] < 0.5 * before, (errors, before)
 
 
 def test_split_merge_roundtrip_and_leak_check() -> None:
