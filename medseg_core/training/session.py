@@ -133,21 +133,15 @@ def load_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
         The keys differ (the model was built from another config than the
         state was saved with); the missing and unexpected keys are named.
     """
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        fix = ("build the model from the config the state was saved with (scenario.json of "
-               "the run)")
-        if any(k.startswith("adapter.field") for k in missing + unexpected):
-            fix = ("set model.adapter_field_grid to the value the state was saved with: 0 for a "
-                   "state saved before the input adapter had its intensity field (stop 23), "
-                   "else its grid (default 8)")
-        raise ConfigError(
-            f"the state does not fit the model: {len(missing)} key(s) missing "
-            f"{missing[:6]}{' ...' if len(missing) > 6 else ''}, {len(unexpected)} unexpected "
-            f"{unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}. Fix: {fix}"
-        )
+        fix = ("set model.adapter_field_grid to the value the state was saved with: 0 for a state "
+               "saved before the input adapter had its intensity field (stop 23), else its grid"
+               if any(k.startswith("adapter.field") for k in missing + unexpected) else
+               "build the model from the config the state was saved with (the run's scenario.json)")
+        raise ConfigError(f"the state does not fit the model: missing {len(missing)} key(s) "
+                          f"{missing[:6]}, unexpected {len(unexpected)} {unexpected[:6]}. Fix: {fix}")
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
 
 

@@ -87,7 +87,8 @@ def test_adapter_field_grid_is_configurable_and_checked() -> None:
     # a state saved without the field (field_grid 0) does not load silently into
     # a model with it: the error names the setting that fixes it
     old = {k: v.numpy() for k, v in model.state_dict().items()}
-    with pytest.raises(ConfigError, match=r"missing \['adapter\.field1\.bias'.*adapter_field_grid"):
+    with pytest.raises(ConfigError,
+                       match=r"missing 6 key\(s\) \['adapter\.field1\.bias'.*adapter_field_grid"):
         load_state(_model("adapter"), old)
 
 
