@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from medseg_core.config import DataConfig, ModelConfig
 from medseg_core.data.augment import intensity_augmentation
-from medseg_core.errors import ConfigError
 from medseg_core.data.slices import IGNORE_LABEL, SliceSet
+from medseg_core.errors import ConfigError
 from medseg_core.losses import build_loss
 from medseg_core.metrics import SegMetrics, evaluate_segmentation
 from medseg_core.models.heads import cam_segmenter, encoder_decoder_names
