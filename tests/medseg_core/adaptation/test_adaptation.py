@@ -19,6 +19,7 @@ from medseg_core.adaptation import (
     split_state,
 )
 from medseg_core.config import AdaptationMode, DataConfig, ModelConfig, parse_model
+from medseg_core.data.slices import _torch_threads
 from medseg_core.errors import AdaptationLeakError, ConfigError
 from medseg_core.training.session import build_segmenter, load_state
 
@@ -114,9 +115,7 @@ def test_intensity_field_undoes_a_per_case_shading_the_residual_block_cannot() -
     train, target = _shaded(256, gen)
     test, test_target = _shaded(64, gen)
     errors = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: one thread is fastest, and safe beside workers
-    try:
+    with _torch_threads(1):  # small tensors: one thread is fastest, and safe beside workers
         for grid in (8, 0):
             torch.manual_seed(0)
             adapter = InputAdapter(1, hidden=8, field_grid=grid)
@@ -128,8 +127,6 @@ def test_intensity_field_undoes_a_per_case_shading_the_residual_block_cannot() -
                 opt.step()
             with torch.no_grad():
                 errors[grid] = float(torch.nn.functional.mse_loss(adapter(test), test_target))
-    finally:
-        torch.set_num_threads(threads)
     before = float(torch.nn.functional.mse_loss(test, test_target))
     assert errors[8] < 0.5 * errors[0], (errors, before)
     assert errors[8] < 0.5 * before, (errors, before)
