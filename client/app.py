@@ -260,6 +260,7 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 min_component_voxels=int(cfg.get(keys.MIN_COMPONENT_VOXELS, 0)),
                 refine=str(cfg.get(keys.EVAL_REFINE, "none")),
                 positives_gate_open=_gate(cfg),
+                threshold=str(cfg.get(keys.EVAL_THRESHOLD, "argmax")),
             )
         except Exception as exc:  # noqa: BLE001
             return _refusal(msg, exc, "personalisation")

@@ -71,13 +71,17 @@ def personal_store(state_dir: str | Path, run_name: str) -> AdaptationStore:
 def personalize(
     sess: SiteSession, global_state: Mapping[str, np.ndarray], run_name: str, model_round: int, *,
     epochs: int, lr: float, batch_size: int, min_component_voxels: int = 0, refine: str = "none",
-    positives_gate_open: bool | None = None,
+    positives_gate_open: bool | None = None, threshold: str = "argmax",
 ) -> PersonalizeOutcome:
     """Fine-tune only ``sess``'s private layers against the global model of
     ``model_round`` for ``epochs`` epochs (Adam at ``lr``, the round's loss)
     and store the epoch with the best local validation Dice.
     ``positives_gate_open``: the weak positives' closed-loop warm-up after
     that round (``train.weak.positives_gate``; None: no gate).
+    ``threshold``: how validation Dice is scored (``evaluation.threshold``),
+    so the epoch kept is the best at the operating point the site is
+    evaluated at: ``"site"`` recalibrates the foreground threshold on the
+    site's training labels for every candidate epoch, as evaluation does.
 
     Raises
     ------
@@ -111,10 +115,17 @@ def personalize(
     torch.set_num_threads(site.torch_threads)
     state = sess.full_state(global_state, run_name, model_round)
 
+    if threshold not in ("argmax", "site"):
+        raise ValueError(f"unknown evaluation threshold {threshold!r}; valid: ['argmax', 'site']")
+
     def val_dice(st: Mapping[str, np.ndarray]) -> float:
-        return evaluate_state(build_segmenter(sess.model_cfg, sess.data_cfg), st, sess.val_set,
-                              num_classes=sess.data_cfg.num_classes,
-                              min_component_voxels=min_component_voxels, refine=refine).dice
+        model = build_segmenter(sess.model_cfg, sess.data_cfg)
+        load_state(model, st)
+        tau = sess.site_threshold(model, min_component_voxels=min_component_voxels,
+                                  refine=refine) if threshold == "site" else None
+        return evaluate_state(model, None, sess.val_set, num_classes=sess.data_cfg.num_classes,
+                              min_component_voxels=min_component_voxels, refine=refine,
+                              threshold=tau).dice
 
     before = val_dice(state)
     best, best_epoch, best_private = before, 0, split_state(state, sess.local_keys)[1]

@@ -25,6 +25,7 @@ from functools import cached_property
 
 import numpy as np
 import torch
+from torch import nn
 
 from medseg_core.adaptation import AdaptationStore, check_shared_only, local_keys, merge_state, split_state
 from medseg_core.adaptation.tta import TTAResult, adapt_unlabeled
@@ -140,13 +141,14 @@ class SiteSession(SitePrivacy):
     def personalize(
         self, global_state: Mapping[str, np.ndarray], run_name: str, model_round: int, *,
         epochs: int, lr: float, batch_size: int, min_component_voxels: int = 0,
-        refine: str = "none", positives_gate_open: bool | None = None,
+        refine: str = "none", positives_gate_open: bool | None = None, threshold: str = "argmax",
     ) -> PersonalizeOutcome:
         """Fine-tune only this site's private layers against the global model
         of ``model_round`` (:func:`medseg_core.training.personalize.personalize`)."""
         return personalize(self, global_state, run_name, model_round, epochs=epochs, lr=lr,
                            batch_size=batch_size, min_component_voxels=min_component_voxels,
-                           refine=refine, positives_gate_open=positives_gate_open)
+                           refine=refine, positives_gate_open=positives_gate_open,
+                           threshold=threshold)
 
     def export_shared(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The part of ``state`` that may be sent; raises AdaptationLeakError
@@ -250,6 +252,20 @@ class SiteSession(SitePrivacy):
             return self.val_set if self.val_set is not None else self.train_set
         raise ValueError(f"unknown split {split!r}; expected 'val' or 'test'")
 
+    def site_threshold(self, model: nn.Module, *, min_component_voxels: int = 0,
+                       refine: str = "none") -> float | None:
+        """The foreground threshold calibrated for ``model`` on this site's
+        training labels (``evaluation.threshold: site``); None (the argmax)
+        where they hold one class only."""
+        tr = self.train_set
+        found = calibrate_threshold(model, tr.images, tr.case_index, self.train_case_labels,
+                                    min_component_voxels=min_component_voxels, refine=refine)
+        if found is None:
+            logger.warning("site %s: its training cases hold one class only; scored at the "
+                           "argmax (evaluation.threshold: site)", self.site.id)
+            return None
+        return found[0]
+
     def evaluate(
         self, state: Mapping[str, np.ndarray], split: str, *, min_component_voxels: int = 0,
         run_name: str = "", model_round: int = 0, bag_gate: bool = False, refine: str = "none",
@@ -297,14 +313,8 @@ class SiteSession(SitePrivacy):
         data = self.split_set(split)
         tau = None
         if threshold == "site" and data.labels is not None and bool(data.has_mask.any()):
-            tr = self.train_set
-            found = calibrate_threshold(model, tr.images, tr.case_index, self.train_case_labels,
-                                        min_component_voxels=min_component_voxels, refine=refine)
-            if found is None:
-                logger.warning("site %s: its training cases hold one class only; scored at the "
-                               "argmax (evaluation.threshold: site)", self.site.id)
-            else:
-                tau = found[0]
+            tau = self.site_threshold(model, min_component_voxels=min_component_voxels,
+                                      refine=refine)
         return evaluate_split(model, data, num_classes=self.data_cfg.num_classes,
                               min_component_voxels=min_component_voxels,
                               with_auc=split == "test", bags=bags, bag_gate=bag_gate and bags,

@@ -12,6 +12,7 @@ from client import site_runtime
 from client.records import state_to_record
 from medseg_core.config import ScenarioConfig, parse_model
 from medseg_core.store import RunStore
+from medseg_core.training.site import SiteSession
 from server.federation import initial_state
 from server.phases import FederationOutcome, evaluate_sites, personalize_sites
 from server.strategies import build_strategy
@@ -19,8 +20,13 @@ from server.strategies import build_strategy
 from local_grid import LocalGrid, site_yamls
 
 
-def test_a_site_that_cannot_personalise_says_why_and_keeps_its_federated_score(tmp_path: Path) -> None:
+def test_a_site_that_cannot_personalise_says_why_and_keeps_its_federated_score(
+        tmp_path: Path, monkeypatch) -> None:
     site_runtime._SESSIONS.clear()
+    calibrated: list[str] = []  # evaluation.threshold reaches the personalisation's epoch pick
+    real_threshold = SiteSession.site_threshold
+    monkeypatch.setattr(SiteSession, "site_threshold", lambda self, model, **kw: (
+        calibrated.append(self.site.id), real_threshold(self, model, **kw))[1])
     scenario = parse_model(ScenarioConfig, {
         "rounds": 1,
         "sites": [{"id": "ok", "n_train": 12, "n_test": 3}, {"id": "no-val", "n_train": 12, "n_test": 3}],
@@ -28,6 +34,7 @@ def test_a_site_that_cannot_personalise_says_why_and_keeps_its_federated_score(t
         "data": {"image_size": 32, "val_fraction": 0.25},
         "train": {"batch_size": 4, "personalize": {"epochs": 1, "lr": 0.01}},
         "privacy": {"enabled": False},
+        "evaluation": {"threshold": "site"},
     })
     paths = site_yamls(scenario, tmp_path)
     cfg = yaml.safe_load(paths[2].read_text())
@@ -43,9 +50,11 @@ def test_a_site_that_cannot_personalise_says_why_and_keeps_its_federated_score(t
                 60.0)
         evaluate_sites(*args)  # as in run_federation: the test split first, as federated
         federated = {s: r.dice for s, r in outcome.sites.items()}
+        calibrated.clear()
         reports = personalize_sites(grid, scenario, "run-p", 1, arrays, store, node_sites, 60.0)
         assert set(reports["ok"]) == {"val_dice_before", "val_dice_after", "epochs_kept"}
         assert "no validation cases with masks" in reports["no-val"]["error"]
+        assert calibrated == ["ok", "ok"]  # the federated layers and the one epoch
         [rej] = store.rejections("run-p")
         assert (rej["site_id"], rej["kind"], rej["round"]) == ("no-val", "personalize-error", 2)
         evaluate_sites(*args, personalized=True)

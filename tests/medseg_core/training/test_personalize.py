@@ -161,3 +161,45 @@ def test_scenario_refuses_personalisation_without_private_layers() -> None:
     with pytest.raises(Exception, match=r"train.personalize.epochs is 3 but model.adaptation is "
                                         r"'none'.*Fix: set model.adaptation"):
         _scenario(mode="none", epochs=3)
+
+
+@pytest.mark.parametrize("threshold", ["site", "argmax"])
+def test_epochs_are_picked_at_the_operating_point_the_site_is_scored_at(
+        tmp_path: Path, monkeypatch, threshold: str) -> None:
+    """With evaluation.threshold: site every candidate (the federated layers and
+    each epoch) is scored at the threshold calibrated for that candidate, as
+    evaluation will score the kept one; with argmax no calibration runs."""
+    sess = _session(tmp_path, _scenario())
+    taus = iter([0.3, 0.6, 0.8])
+    calibrated: list[float] = []
+
+    def fake_threshold(model, **kw):
+        calibrated.append(next(taus))
+        return calibrated[-1]
+
+    monkeypatch.setattr(sess, "site_threshold", fake_threshold)
+    scored: list[float | None] = []
+    real = personalize_module.evaluate_state
+    monkeypatch.setattr(personalize_module, "evaluate_state",
+                        lambda *a, **k: (scored.append(k["threshold"]), real(*a, **k))[1])
+    sess.personalize(_global(_scenario()), "r", 2, epochs=2, lr=1e-2, batch_size=4,
+                     threshold=threshold)
+    assert scored == ([0.3, 0.6, 0.8] if threshold == "site" else [None, None, None])
+    assert len(calibrated) == (3 if threshold == "site" else 0)
+    with pytest.raises(ValueError, match="unknown evaluation threshold 'best'"):
+        sess.personalize(_global(_scenario()), "r", 3, epochs=1, lr=1e-2, batch_size=4,
+                         threshold="best")
+
+
+def test_site_threshold_is_the_calibrated_one(tmp_path: Path) -> None:
+    """The helper evaluation and personalisation share is calibrate_threshold
+    on the site's own training labels."""
+    from medseg_core.calibration import calibrate_threshold
+
+    sess = _session(tmp_path, _scenario())
+    model = build_segmenter(sess.model_cfg, sess.data_cfg)
+    tr = sess.train_set
+    found = calibrate_threshold(model, tr.images, tr.case_index, sess.train_case_labels,
+                                min_component_voxels=3)
+    expected = None if found is None else found[0]
+    assert sess.site_threshold(model, min_component_voxels=3) == expected
