@@ -105,6 +105,8 @@ def personalize(
             "image-level site, or val_fraction 0). Fix: give the site masked cases and "
             "val_fraction > 0, or train.personalize.epochs: 0"
         )
+    if threshold not in ("argmax", "site"):
+        raise ValueError(f"unknown evaluation threshold {threshold!r}; valid: ['argmax', 'site']")
     done = site.state_dir / "personalized.json"
     if done.is_file():
         prev = json.loads(done.read_text(encoding="utf-8"))
@@ -114,9 +116,6 @@ def personalize(
             return PersonalizeOutcome(**prev["outcome"])
     torch.set_num_threads(site.torch_threads)
     state = sess.full_state(global_state, run_name, model_round)
-
-    if threshold not in ("argmax", "site"):
-        raise ValueError(f"unknown evaluation threshold {threshold!r}; valid: ['argmax', 'site']")
 
     def val_dice(st: Mapping[str, np.ndarray]) -> float:
         model = build_segmenter(sess.model_cfg, sess.data_cfg)
