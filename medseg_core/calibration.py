@@ -25,10 +25,21 @@ from torch import Tensor, nn
 
 from medseg_core.refine import pamr
 
-__all__ = ["THRESHOLD_GRID", "calibrate_threshold", "foreground_probability"]
+__all__ = ["THRESHOLD_GRID", "THRESHOLD_MODES", "calibrate_threshold", "check_threshold_mode",
+           "foreground_probability"]
 
 THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
 """Candidate thresholds, 0.05 to 0.95."""
+
+THRESHOLD_MODES: tuple[str, ...] = ("argmax", "site")
+"""How masks are scored (``evaluation.threshold``): at the argmax, or at the
+site's calibrated threshold."""
+
+
+def check_threshold_mode(mode: str) -> None:
+    """Raise ValueError unless ``mode`` is one of :data:`THRESHOLD_MODES`."""
+    if mode not in THRESHOLD_MODES:
+        raise ValueError(f"unknown evaluation threshold {mode!r}; valid: {list(THRESHOLD_MODES)}")
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from medseg_core.adaptation import AdaptationStore, split_state
+from medseg_core.calibration import check_threshold_mode
 from medseg_core.errors import ConfigError, PrivacyBudgetExceeded
 from medseg_core.privacy.accountant import epsilon_of, save_accountant
 from medseg_core.privacy.budget import RoundPrivacyPlan, plan_round
@@ -105,8 +106,7 @@ def personalize(
             "image-level site, or val_fraction 0). Fix: give the site masked cases and "
             "val_fraction > 0, or train.personalize.epochs: 0"
         )
-    if threshold not in ("argmax", "site"):
-        raise ValueError(f"unknown evaluation threshold {threshold!r}; valid: ['argmax', 'site']")
+    check_threshold_mode(threshold)
     done = site.state_dir / "personalized.json"
     if done.is_file():
         prev = json.loads(done.read_text(encoding="utf-8"))

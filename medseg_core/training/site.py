@@ -29,7 +29,7 @@ from torch import nn
 
 from medseg_core.adaptation import AdaptationStore, check_shared_only, local_keys, merge_state, split_state
 from medseg_core.adaptation.tta import TTAResult, adapt_unlabeled
-from medseg_core.calibration import calibrate_threshold
+from medseg_core.calibration import calibrate_threshold, check_threshold_mode
 from medseg_core.config import DataConfig, LabelRegime, ModelConfig, SiteConfig, WeakConfig
 from medseg_core.data.integrity import require_valid_site
 from medseg_core.data.slices import SliceSet, load_slices
@@ -294,8 +294,7 @@ class SiteSession(SitePrivacy):
             ``personalized`` but the site holds no personalised layers for
             this run and round.
         """
-        if threshold not in ("argmax", "site"):
-            raise ValueError(f"unknown evaluation threshold {threshold!r}; valid: ['argmax', 'site']")
+        check_threshold_mode(threshold)
         model = build_segmenter(self.model_cfg, self.data_cfg)
         if personalized:
             if not self.has_personalized(run_name, model_round):
