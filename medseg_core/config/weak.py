@@ -73,7 +73,7 @@ class WeakConfig(_Strict):
     # masks) beat the all-background prediction's Dice on the same cases by at
     # least this margin; closed in round 1, closed again whenever the Dice falls
     # back. Under DP, pseudo-masks read from a decoder that has not learned
-    # lesions flooded the weak arm (README, "Stop 16"). None: off (the fixed
+    # lesions flooded the weak arm (docs/results-log.md, "Stop 16"). None: off (the fixed
     # positives_from_round alone); with both, both must allow it
     positives_gate: float | None = Field(default=None, ge=0.0, lt=1.0)
     # what positives train while that gate is closed: "off" (nothing: the CAM/MIL
@@ -89,8 +89,8 @@ class WeakConfig(_Strict):
     # how the CAM head's map becomes the image-level logit: "mean" (global average
     # pooling, Zhou et al. 2016) or "lse" (log-sum-exp, a smooth max, Pinheiro &
     # Collobert 2015): a lesion covering 1-2 of the 8x8 bottleneck cells is diluted
-    # 30-60x by the average; measured, the smooth max localised worse (README,
-    # "Weak labels"; weak/settings.py)
+    # 30-60x by the average; measured, the smooth max localised worse (docs/results-log.md;
+    # weak/settings.py)
     cam_pooling: Literal["mean", "lse"] = "mean"
     # weight of the CAM head's image-level classification loss (0.2: at 1 the
     # decoder of a 2-site federation collapsed; docs/architecture.md)
@@ -106,8 +106,8 @@ class WeakConfig(_Strict):
     # server averages each array over the sites that changed it
     # (server.federation.average_over_trainers), so the frozen copies do not
     # dilute it. Under DP a weak site's noisy, background-heavy pixel terms pulled
-    # the shared decoder to "no lesion" (README, "Stop 18"); freezing it there did
-    # not lift the image-level sites (README, "Stop 19"). "none": every site trains
+    # the shared decoder to "no lesion" (docs/results-log.md, "Stop 18"); freezing it there did
+    # not lift the image-level sites (docs/results-log.md, "Stop 19"). "none": every site trains
     # every shared array
     weak_sites_freeze: Literal["none", "decoder", "encoder"] = "none"
 

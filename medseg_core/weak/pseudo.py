@@ -82,7 +82,7 @@ def pseudo_masks(
     (``>= tau_fg * max``) alone is taken as foreground. Without it such an
     image only contributes background (its CAM-low pixels). Measured on the
     mixed-regime scenario under DP it did not stop the weak arm collapsing
-    to empty predictions (README), so it is off by default.
+    to empty predictions (docs/results-log.md), so it is off by default.
 
     With ``pseudo_fg="decoder"`` the foreground is the decoder's own most
     lesion-like region instead: pixels whose foreground probability is at
@@ -92,7 +92,7 @@ def pseudo_masks(
     the bottleneck CAM (1/8 resolution, lesions of 2.5 % of the image) did
     not localise: its ``>= 0.5 * max`` region had Dice 0.01-0.12 with the
     lesions, so "CAM agrees" left almost no foreground (recall 0-1 %), while
-    the decoder's top region had precision 0.55-0.80 (README, "Weak labels").
+    the decoder's top region had precision 0.55-0.80 (docs/results-log.md).
 
     With ``grow`` set, the foreground found so far is a seed that grows, one
     8-connected ring per step for up to ``grow_steps`` steps, into pixels
@@ -155,7 +155,7 @@ def pseudo_masks(
     rules above cannot tell a lesion the decoder misses from background, and
     the CAM-low rule taught the bright lesions (25 % of the synthetic ones)
     as background until the shared decoder detected none of them at any
-    site (README, "Weak labels"). On the mixed-regime scenario's test
+    site (docs/results-log.md). On the mixed-regime scenario's test
     splits the blob map at threshold 0.5 covers most lesion pixels and a
     small share of all pixels (``benchmarks/weak_rules.py`` prints both).
 
@@ -163,10 +163,10 @@ def pseudo_masks(
     more than that fraction of it gets none (those pixels are ignored, not
     background): a lesion-sized region is plausible, half the image is not.
     An untrained decoder says p ~ 0.5 everywhere; taken as foreground, that
-    flooded the weak arm under DP from round 1 (README, "Weak labels").
+    flooded the weak arm under DP from round 1 (docs/results-log.md).
 
     Trained with, neither the decoder source nor growing beat the agreement
-    rule on the mixed-regime scenario (README, "Weak labels": growing
+    rule on the mixed-regime scenario (docs/results-log.md: growing
     destabilised training, at ``grow=0.1`` it flooded the image while the
     decoder was untrained); both are off by default.
 
