@@ -135,6 +135,7 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 local_epochs=int(cfg[keys.LOCAL_EPOCHS]),
                 lr=float(cfg[keys.LEARNING_RATE]),
                 batch_size=int(cfg["batch-size"]),
+                bag_batch_size=int(cfg.get(keys.BAG_BATCH_SIZE, 0)) or None,
                 optimizer=str(cfg["optimizer"]),
                 momentum=float(cfg.get("momentum", 0.0)),
                 proximal_mu=float(cfg.get(keys.PROXIMAL_MU, 0.0)),

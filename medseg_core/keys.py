@@ -30,6 +30,7 @@ EVAL_THRESHOLD = "eval-threshold"  # evaluation: "argmax", or "site" (each site'
 THRESHOLD = "threshold"  # evaluate reply: the foreground threshold the site scored at (NaN: argmax)
 EVAL_REFINE = "eval-refine"  # evaluation: post-processing of predictions ("none" or "pamr")
 MIL_AUC = "mil-auc"  # bag sites: AUC of the MIL head's bag-level prediction
+BAG_BATCH_SIZE = "bag-batch-size"  # train: bags per DP-SGD step at a MIL site (0: about batch-size / K)
 PERSONALIZE_EPOCHS = "personalize-epochs"  # train: epochs whose DP budget to reserve; personalize: to run
 PERSONALIZED = "personalized"  # evaluate: with the site's personalised private layers
 POSITIVES_GATE = "positives-gate-open"  # train/personalize: the weak positives' closed-loop warm-up

@@ -77,6 +77,7 @@ def _train_config(scenario: ScenarioConfig, run_id: str) -> dict[str, Any]:
         keys.LOCAL_EPOCHS: t.local_epochs,
         keys.LEARNING_RATE: t.lr,
         "batch-size": t.batch_size,
+        keys.BAG_BATCH_SIZE: t.bag_batch_size or 0,
         "optimizer": t.optimizer,
         "momentum": t.momentum,
         keys.RUN_NAME: run_id,

@@ -23,6 +23,8 @@ class RoundRequest:
     local_epochs: int
     lr: float
     batch_size: int
+    # MIL sites: bags per step (train.bag_batch_size); None: about batch_size / K
+    bag_batch_size: int | None = None
     optimizer: str = "adam"
     momentum: float = 0.0
     proximal_mu: float = 0.0

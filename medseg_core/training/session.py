@@ -57,6 +57,8 @@ class FitSettings:
     optimizer: str = "adam"
     momentum: float = 0.0
     proximal_mu: float = 0.0
+    # MIL bags per step (fit_bags); None: about batch_size instances' worth
+    bag_batch_size: int | None = None
     augment: bool = True
     # nnU-Net's intensity augmentations on top of the flips (medseg_core/data/augment.py)
     intensity: bool = False
@@ -301,8 +303,11 @@ class _IntensityBags(Dataset[tuple[torch.Tensor, ...]]):
         return (self.intensity(x.reshape(-1, *x.shape[2:])).reshape(x.shape), *rest)
 
 
-def bag_batch_size(batch_size: int, bag_len: int) -> int:
-    """Bags per step: about ``batch_size`` instances (at least one bag)."""
+def bag_batch_size(batch_size: int, bag_len: int, bags: int | None = None) -> int:
+    """Bags per step: ``bags`` if given (``train.bag_batch_size``), else about
+    ``batch_size`` instances (at least one bag)."""
+    if bags is not None:
+        return bags
     return max(1, round(batch_size / max(1, bag_len)))
 
 
@@ -320,8 +325,9 @@ def fit_bags(
     """Train ``model`` (with a MIL head) on bag-labelled data for
     ``settings.epochs`` epochs; a bag is one DP-SGD sample.
 
-    ``settings.batch_size`` counts instances; each step draws about
-    ``batch_size / K`` bags (:func:`bag_batch_size`). Under DP, per-row
+    Each step draws ``settings.bag_batch_size`` bags, or, unset, about
+    ``batch_size / K`` (``settings.batch_size`` counts instances;
+    :func:`bag_batch_size`). Under DP, per-row
     gradients are folded into per-bag gradients before clipping
     (:func:`medseg_core.weak.mil.fold_bag_grad_samples`). ``only``: as in
     :func:`fit`.
@@ -336,7 +342,8 @@ def fit_bags(
     if settings.intensity:
         bag_data = _IntensityBags(bag_data, intensity_augmentation(settings.seed))
     loader: DataLoader = DataLoader(
-        bag_data, batch_size=bag_batch_size(settings.batch_size, k), shuffle=True,
+        bag_data, batch_size=bag_batch_size(settings.batch_size, k, settings.bag_batch_size),
+        shuffle=True,
     )
     optimizer = make_optimizer(
         model, settings.optimizer, settings.lr, momentum=settings.momentum  # type: ignore[arg-type]

@@ -184,6 +184,7 @@ class SiteSession(SitePrivacy):
         plan = self.plan(req, accountant=accountant) if accountant is not None else None
         settings = FitSettings(
             epochs=req.local_epochs, lr=req.lr, batch_size=req.batch_size,
+            bag_batch_size=req.bag_batch_size,
             optimizer=req.optimizer, momentum=req.momentum, proximal_mu=req.proximal_mu,
             seed=self.round_seed(req.server_round), intensity=self.data_cfg.intensity_augment,
         )

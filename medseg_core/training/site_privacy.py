@@ -45,11 +45,13 @@ class SitePrivacy(SiteData):
         """Cumulative epsilon at the site's delta (0.0 before any DP step)."""
         return epsilon_of(self.load_accountant(), self.site.delta)
 
-    def dp_steps_per_epoch(self, batch_size: int) -> int:
-        """DP steps per epoch over the site's privacy units (slices, or bags)."""
+    def dp_steps_per_epoch(self, batch_size: int, bags_per_step: int | None = None) -> int:
+        """DP steps per epoch over the site's privacy units (slices, or bags:
+        ``bags_per_step`` of them, or about ``batch_size`` slices' worth)."""
         if self.is_bag_site:
             bags = self.train_bags
-            return steps_per_epoch(len(bags), bag_batch_size(batch_size, bags.images.shape[1]))
+            return steps_per_epoch(len(bags), bag_batch_size(batch_size, bags.images.shape[1],
+                                                             bags_per_step))
         return steps_per_epoch(len(self.train_set), batch_size)
 
     def plan(self, req: RoundRequest, *, accountant: object) -> RoundPrivacyPlan:
@@ -62,7 +64,7 @@ class SitePrivacy(SiteData):
         would take the site past its cap is refused rather than trained with
         ever larger noise.
         """
-        spe = self.dp_steps_per_epoch(req.batch_size)
+        spe = self.dp_steps_per_epoch(req.batch_size, req.bag_batch_size)
         q, steps = 1.0 / spe, spe * req.local_epochs
         path = self.site.state_dir / "privacy_plan.json"
         stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

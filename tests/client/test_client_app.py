@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +168,33 @@ def test_evaluation_refinement_reaches_the_site_and_a_bad_value_is_named(
     bad = evaluate("crf")
     assert bad.has_error()
     assert "'crf'" in bad.error.reason and "pamr" in bad.error.reason
+
+
+def test_bag_batch_size_reaches_a_mil_site_through_the_train_message(tmp_path: Path) -> None:
+    """``train.bag_batch_size`` travels in the train message and sets the MIL
+    site's bags per DP step: its ledger's sample rate is 4 of 8 bags, where
+    without it 8 slices' worth (2 bags of 4 slices) is 2 of 8."""
+    from medseg_core.config import parse_model
+    from medseg_core.sites import materialise_site
+
+    def ledger_rate(bags: int | None, out: Path) -> float:
+        scenario = parse_model(ScenarioConfig, {
+            "rounds": 2,
+            "sites": [{"id": "mil", "dims": 3, "depth": 4, "n_train": 8, "n_test": 3,
+                       "label_regime": "bag", "lesion_prevalence": 0.5}],
+            "model": {"channels": [8, 16], "strides": [2], "norm_groups": 4,
+                      "mil_pooling": "attention"},
+            "data": {"image_size": 32},
+            "train": {"batch_size": 8, "bag_batch_size": bags, "optimizer": "sgd", "lr": 0.05},
+            "privacy": {"epsilon": 8.0}})
+        materialise_site(scenario.sites[0], scenario, out)
+        msg = _train_msg(scenario, 1)
+        assert msg.content.config_records[keys.CONFIG][keys.BAG_BATCH_SIZE] == (bags or 0)
+        reply = build_client_app()(msg, _ctx(out / "sites" / "mil" / "site.yaml"))
+        assert not reply.has_error(), reply.error
+        row = json.loads((out / "sites" / "mil" / "state" / "ledger.jsonl").read_text()
+                         .splitlines()[-1])
+        return float(row["sample_rate"])
+
+    assert ledger_rate(4, tmp_path / "a") == 0.5
+    assert ledger_rate(None, tmp_path / "b") == 0.25

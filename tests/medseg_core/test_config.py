@@ -62,6 +62,14 @@ def test_every_problem_is_listed() -> None:
     assert "rounds" in str(exc.value) and "bogus" in str(exc.value)
 
 
+def test_bag_batch_size_must_be_a_positive_count() -> None:
+    with pytest.raises(ConfigError, match=r"train\.bag_batch_size.*0"):
+        parse_model(ScenarioConfig, {"sites": [{"id": "a"}], "train": {"bag_batch_size": 0}})
+    ok = parse_model(ScenarioConfig, {"sites": [{"id": "a"}], "train": {"bag_batch_size": 32}})
+    assert ok.train.bag_batch_size == 32
+    assert parse_model(ScenarioConfig, {"sites": [{"id": "a"}]}).train.bag_batch_size is None
+
+
 def test_duplicate_site_ids_rejected() -> None:
     with pytest.raises(ConfigError, match="duplicated: \\['a'\\]"):
         parse_model(ScenarioConfig, {"sites": [{"id": "a"}, {"id": "a"}]})

@@ -17,7 +17,7 @@ from medseg_core.data.datalist import Case
 from medseg_core.errors import DataIntegrityError
 from medseg_core.models.heads import MilHead
 from medseg_core.sites import materialise_site
-from medseg_core.training.session import build_segmenter
+from medseg_core.training.session import bag_batch_size, build_segmenter
 from medseg_core.training.site import RoundRequest, SiteSession
 from medseg_core.weak import MilLoss, WeakSettings, check_bags, fold_bag_grad_samples
 
@@ -114,6 +114,23 @@ def test_volume_bags_train_under_dp_one_sample_per_bag(tmp_path: Path) -> None:
     res = sess.evaluate(out.shared, "test")
     assert res.dice is not None and res.n_dice > 0
     assert res.auc is None or 0.0 <= res.auc <= 1.0
+
+
+def test_bag_batch_size_sets_the_bags_per_dp_step(tmp_path: Path) -> None:
+    """``train.bag_batch_size`` counts bags (the privacy unit): 4 of the 8
+    bags per step is a sample rate of 1/2, where the default (about
+    ``batch_size`` slices' worth) takes 2 bags of 4 slices."""
+    assert bag_batch_size(8, 4) == 2 and bag_batch_size(8, 4, 4) == 4 and bag_batch_size(2, 4) == 1
+    sess = _bag_site(tmp_path)
+    glob = {k: v.detach().numpy() for k, v in
+            build_segmenter(sess.model_cfg, sess.data_cfg).state_dict().items()}
+    req = RoundRequest(server_round=1, total_rounds=2, local_epochs=1, lr=0.05, batch_size=8,
+                       bag_batch_size=4, optimizer="sgd")
+    assert sess.dp_steps_per_epoch(8) == 4 and sess.dp_steps_per_epoch(8, 4) == 2
+    plan = sess.plan(req, accountant=sess.load_accountant())
+    assert plan.sample_rate == pytest.approx(1 / 2) and plan.steps == 2
+    out = sess.train_round(glob, req)
+    assert np.isfinite(out.fit.loss) and out.fit.steps == 2 and 0 < out.epsilon <= 8.0
 
 
 def test_2d_bag_members_carry_the_bag_label(tmp_path: Path) -> None:
