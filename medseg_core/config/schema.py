@@ -132,10 +132,9 @@ class TrainConfig(_Strict):
 
     local_epochs: int = Field(default=1, ge=1)
     batch_size: int = Field(default=16, ge=1)
-    # MIL sites: bags per step. None: about batch_size / K (a step's slices match
-    # the other sites'). A bag is one DP-SGD sample, so this is the batch in
-    # privacy units: mixed_regime.yaml's 75-volume site steps on ~4 bags by
-    # default, with per-step noise of ~0.23 per coordinate on the mean gradient.
+    # MIL sites: bags per step (a bag is one DP-SGD sample). None: about
+    # batch_size / K, a step's slices matching the other sites'. 32 on
+    # mixed_regime.yaml (~4 by default) was no better (docs/results-log.md, "Stop 25")
     bag_batch_size: int | None = Field(default=None, ge=1)
     lr: float = Field(default=1e-3, gt=0.0)
     optimizer: Literal["adam", "sgd"] = "adam"

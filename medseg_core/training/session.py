@@ -57,8 +57,7 @@ class FitSettings:
     optimizer: str = "adam"
     momentum: float = 0.0
     proximal_mu: float = 0.0
-    # MIL bags per step (fit_bags); None: about batch_size instances' worth
-    bag_batch_size: int | None = None
+    bag_batch_size: int | None = None  # MIL bags per step (fit_bags); None: batch_size / K
     augment: bool = True
     # nnU-Net's intensity augmentations on top of the flips (medseg_core/data/augment.py)
     intensity: bool = False
@@ -325,9 +324,7 @@ def fit_bags(
     """Train ``model`` (with a MIL head) on bag-labelled data for
     ``settings.epochs`` epochs; a bag is one DP-SGD sample.
 
-    Each step draws ``settings.bag_batch_size`` bags, or, unset, about
-    ``batch_size / K`` (``settings.batch_size`` counts instances;
-    :func:`bag_batch_size`). Under DP, per-row
+    Each step draws :func:`bag_batch_size` bags. Under DP, per-row
     gradients are folded into per-bag gradients before clipping
     (:func:`medseg_core.weak.mil.fold_bag_grad_samples`). ``only``: as in
     :func:`fit`.
@@ -343,8 +340,7 @@ def fit_bags(
         bag_data = _IntensityBags(bag_data, intensity_augmentation(settings.seed))
     loader: DataLoader = DataLoader(
         bag_data, batch_size=bag_batch_size(settings.batch_size, k, settings.bag_batch_size),
-        shuffle=True,
-    )
+        shuffle=True)
     optimizer = make_optimizer(
         model, settings.optimizer, settings.lr, momentum=settings.momentum  # type: ignore[arg-type]
     )
