@@ -11,9 +11,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from client.app import build_client_app, record_to_state, state_to_record
 from medseg_core import keys
-from medseg_core.config import ScenarioConfig, load_site_config
+from medseg_core.config import ScenarioConfig, load_site_config, parse_model
 from medseg_core.data.io import write_nifti
 from medseg_core.privacy.accountant import epsilon_of, load_accountant
+from medseg_core.sites import materialise_site
 from server.federation import _train_config, initial_state
 
 
@@ -174,9 +175,6 @@ def test_bag_batch_size_reaches_a_mil_site_through_the_train_message(tmp_path: P
     """``train.bag_batch_size`` travels in the train message and sets the MIL
     site's bags per DP step: its ledger's sample rate is 4 of 8 bags, where
     without it 8 slices' worth (2 bags of 4 slices) is 2 of 8."""
-    from medseg_core.config import parse_model
-    from medseg_core.sites import materialise_site
-
     def ledger_rate(bags: int | None, out: Path) -> float:
         scenario = parse_model(ScenarioConfig, {
             "rounds": 2,
