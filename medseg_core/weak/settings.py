@@ -126,7 +126,8 @@ def cam_image_logit(cam: Tensor, s: WeakSettings) -> Tensor:
     diluted 30-60 times and the head can satisfy the label through
     image-wide cues instead; the smooth max is decided by the most
     lesion-like cells, which is what the pseudo-mask rules then read.
-    Measured on the mixed-regime scenario without DP (seeds 0 and 1, docs/results-log.md) it did the opposite: the CAM's image AUC fell from
+    Measured on the mixed-regime scenario without DP (seeds 0 and 1,
+    docs/results-log.md) it did the opposite: the CAM's image AUC fell from
     0.79-0.86 to 0.55-0.76, its maximum left the lesions (within 3 px of one
     in 0-2 % of positives) and the weak arm's Dice fell; off by default.
     """
