@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -22,3 +24,33 @@ def run_scenario(cfg: dict, out: Path, dp: str) -> tuple[dict, float]:
     subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--config", str(path),
                     "--out", str(out), "--dp", dp], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "summary.json").read_text()), time.perf_counter() - t0
+
+
+def run_site_models(run: Path, rnd: int | None = None) -> Iterator[tuple[Any, Any, Any, int]]:
+    """Every site of a finished ``medseg simulate`` run (``RUN_DIR``, or its
+    ``full-masks/`` arm) with the global model of round ``rnd`` (None: the
+    run's selected round), merged with that site's private adaptation layers
+    of the round where the run has them, as the run scored it.
+
+    Yields ``(scenario, site session, model in eval mode, round)``; the model
+    object is reused from site to site.
+    """
+    from medseg_core.checkpoint import load_checkpoint
+    from medseg_core.config import ScenarioConfig, parse_model
+    from medseg_core.sites import materialise_site
+    from medseg_core.training.session import build_segmenter, load_state
+    from medseg_core.training.site import SiteSession
+
+    scenario = parse_model(ScenarioConfig, json.loads((run / "scenario.json").read_text()))
+    federated = json.loads((run / "summary.json").read_text())["federated"]
+    rnd = rnd or federated["selected_round"]
+    model = build_segmenter(scenario.model, scenario.data)
+    defaults = {k: v.numpy() for k, v in model.state_dict().items()}
+    arrays = load_checkpoint(run / "server" / "checkpoints" / f"round_{rnd:04d}").arrays
+    for spec in scenario.sites:
+        sess = SiteSession(materialise_site(spec, scenario, run),
+                           model_cfg=scenario.model, data_cfg=scenario.data)
+        shared = {**{k: v for k, v in defaults.items() if k not in sess.local_keys}, **arrays}
+        load_state(model, sess.full_state(shared, federated["run_id"], rnd))
+        model.eval()
+        yield scenario, sess, model, rnd

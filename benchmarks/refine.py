@@ -21,19 +21,15 @@ arm.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
+from _common import run_site_models
+
 from medseg_core.calibration import calibrate_threshold
-from medseg_core.checkpoint import load_checkpoint
-from medseg_core.config import ScenarioConfig, parse_model
 from medseg_core.metrics import evaluate_segmentation
-from medseg_core.sites import materialise_site
-from medseg_core.training.session import build_segmenter, load_state
 from medseg_core.training.evaluation import case_has_lesion
-from medseg_core.training.site import SiteSession
 from medseg_core.weak.mil import bag_probabilities
 
 
@@ -44,22 +40,13 @@ def main() -> None:
     ap.add_argument("--site-threshold", action="store_true",
                     help="also score at each site's calibrated threshold (refined)")
     args = ap.parse_args()
-    scenario = parse_model(ScenarioConfig, json.loads((args.run / "scenario.json").read_text()))
-    federated = json.loads((args.run / "summary.json").read_text())["federated"]
-    rnd = args.round or federated["selected_round"]
-    model = build_segmenter(scenario.model, scenario.data)
-    defaults = {k: v.numpy() for k, v in model.state_dict().items()}
-    arrays = load_checkpoint(args.run / "server" / "checkpoints" / f"round_{rnd:04d}").arrays
-    ev = scenario.evaluation
-    print(f"run {args.run}, global model of round {rnd}; min_component_voxels "
-          f"{ev.min_component_voxels}, bag_gate {ev.bag_gate}")
-    for spec in scenario.sites:
-        sess = SiteSession(materialise_site(spec, scenario, args.run),
-                           model_cfg=scenario.model, data_cfg=scenario.data)
-        # the site's private adaptation layers of that round (model.adaptation), as in the run
-        shared = {**{k: v for k, v in defaults.items() if k not in sess.local_keys}, **arrays}
-        load_state(model, sess.full_state(shared, federated["run_id"], rnd))
-        model.eval()
+    printed = False
+    for scenario, sess, model, rnd in run_site_models(args.run, args.round):
+        ev, spec = scenario.evaluation, sess.site
+        if not printed:
+            print(f"run {args.run}, global model of round {rnd}; min_component_voxels "
+                  f"{ev.min_component_voxels}, bag_gate {ev.bag_gate}")
+            printed = True
         test = sess.test_set
         if test.labels is None:
             print(f"{spec.id:20s} no test masks: nothing to score")

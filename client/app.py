@@ -215,6 +215,7 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 refine=str(cfg.get(keys.EVAL_REFINE, "none")),
                 personalized=personalized,
                 threshold=str(cfg.get(keys.EVAL_THRESHOLD, "argmax")),
+                calibration_cases=int(cfg.get(keys.EVAL_CALIBRATION_CASES, 0)) or None,
             )
         except Exception as exc:  # noqa: BLE001
             return _refusal(msg, exc, "evaluation")
@@ -262,6 +263,7 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 refine=str(cfg.get(keys.EVAL_REFINE, "none")),
                 positives_gate_open=_gate(cfg),
                 threshold=str(cfg.get(keys.EVAL_THRESHOLD, "argmax")),
+                calibration_cases=int(cfg.get(keys.EVAL_CALIBRATION_CASES, 0)) or None,
             )
         except Exception as exc:  # noqa: BLE001
             return _refusal(msg, exc, "personalisation")

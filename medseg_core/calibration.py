@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from medseg_core.refine import pamr
 
-__all__ = ["THRESHOLD_GRID", "THRESHOLD_MODES", "calibrate_threshold", "check_threshold_mode",
-           "foreground_probability"]
+__all__ = ["THRESHOLD_GRID", "THRESHOLD_MODES", "calibrate_threshold", "calibration_cases",
+           "check_threshold_mode", "foreground_probability"]
 
 THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
 """Candidate thresholds, 0.05 to 0.95."""
@@ -65,10 +65,38 @@ def foreground_probability(model: nn.Module, images: Tensor, *, refine: str = "n
     return torch.cat(out) if out else torch.zeros((0, *images.shape[2:]))
 
 
+def calibration_cases(case_labels: Tensor, max_cases: int | None, seed: int) -> Tensor:
+    """``(n_cases,)`` bool: the known cases calibration reads.
+
+    All of them when ``max_cases`` is None or not below their number; else a
+    seeded draw of ``max_cases`` stratified by label: each class keeps its
+    share of the known cases (rounded, at least one case of each class
+    present), so the balanced accuracy is estimated on both classes. The
+    same ``seed`` gives the same cases, so a site's thresholds of different
+    rounds are read on the same cases.
+    """
+    if max_cases is not None and max_cases < 2:
+        raise ValueError(f"calibration needs at least 2 cases (one of each class), got "
+                         f"max_cases={max_cases}; fix: evaluation.calibration_cases >= 2")
+    known = case_labels >= 0
+    if max_cases is None or int(known.sum()) <= max_cases:
+        return known
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.nonzero(case_labels == 1).squeeze(1)
+    neg = torch.nonzero(case_labels == 0).squeeze(1)
+    n_pos = round(max_cases * len(pos) / int(known.sum()))
+    if len(pos) and len(neg):
+        n_pos = min(max(n_pos, 1), max_cases - 1)  # one of each class at least
+    keep = torch.zeros_like(known)
+    for idx, n in ((pos, n_pos), (neg, max_cases - n_pos)):
+        keep[idx[torch.randperm(len(idx), generator=g)[:n]]] = True
+    return keep
+
+
 def calibrate_threshold(
     model: nn.Module, images: Tensor, case_index: Tensor, case_labels: Tensor, *,
     min_component_voxels: int = 0, refine: str = "none",
-    grid: tuple[float, ...] = THRESHOLD_GRID,
+    grid: tuple[float, ...] = THRESHOLD_GRID, max_cases: int | None = None, seed: int = 0,
 ) -> tuple[float, float] | None:
     """The grid threshold whose "case has a predicted lesion" best matches
     ``case_labels`` (balanced accuracy; ties: nearest 0.5).
@@ -79,6 +107,10 @@ def calibrate_threshold(
         The site's training slices and the case of each.
     case_labels
         ``(n_cases,)`` int64: 1 lesion, 0 none, -1 unknown (not used).
+    max_cases, seed
+        Read at most this many known cases, drawn by :func:`calibration_cases`
+        with ``seed`` (None: all). Only their slices are predicted, which is
+        the cost of calibration.
 
     Returns
     -------
@@ -89,7 +121,11 @@ def calibrate_threshold(
     pos, neg = known & (case_labels == 1), known & (case_labels == 0)
     if not bool(pos.any()) or not bool(neg.any()):
         return None
-    prob = foreground_probability(model, images, refine=refine).flatten(1)
+    known = calibration_cases(case_labels, max_cases, seed)
+    pos, neg = known & pos, known & neg
+    slices = known[case_index]
+    case_index = case_index[slices]
+    prob = foreground_probability(model, images[slices], refine=refine).flatten(1)
     # a case's reach: the highest threshold at which at least min_component_voxels
     # of its pixels are foreground (its k-th highest probability; connectivity is
     # not checked, which keeps this cheap enough for every evaluation round)

@@ -95,6 +95,22 @@ class EvalConfig(_Strict):
     # accuracy; medseg_core/calibration.py). Binary segmentation only.
     # "argmax": no calibration
     threshold: Literal["argmax", "site"] = "argmax"
+    # with threshold "site": calibrate on at most this many training cases, a
+    # seeded draw stratified by label, the same cases every round (None: all).
+    # Calibration predicts every case it reads (PAMR-refined with refine: pamr),
+    # at every validation: on mixed_regime.yaml that cost more than the round's
+    # DP training (docs/results-log.md, "Stop 26")
+    calibration_cases: int | None = Field(default=None, ge=2)
+
+    @model_validator(mode="after")
+    def _calibration_needs_site_thresholds(self) -> EvalConfig:
+        if self.calibration_cases is not None and self.threshold != "site":
+            raise ValueError(
+                f"evaluation.calibration_cases is {self.calibration_cases} but "
+                f"evaluation.threshold is {self.threshold!r}: nothing is calibrated at the "
+                "argmax. Fix: evaluation.threshold: site, or drop calibration_cases"
+            )
+        return self
 
 
 class PrivacyConfig(_Strict):

@@ -73,6 +73,7 @@ def personalize(
     sess: SiteSession, global_state: Mapping[str, np.ndarray], run_name: str, model_round: int, *,
     epochs: int, lr: float, batch_size: int, min_component_voxels: int = 0, refine: str = "none",
     positives_gate_open: bool | None = None, threshold: str = "argmax",
+    calibration_cases: int | None = None,
 ) -> PersonalizeOutcome:
     """Fine-tune only ``sess``'s private layers against the global model of
     ``model_round`` for ``epochs`` epochs (Adam at ``lr``, the round's loss)
@@ -82,7 +83,8 @@ def personalize(
     ``threshold``: how validation Dice is scored (``evaluation.threshold``),
     so the epoch kept is the best at the operating point the site is
     evaluated at: ``"site"`` recalibrates the foreground threshold on the
-    site's training labels for every candidate epoch, as evaluation does.
+    site's training labels for every candidate epoch, as evaluation does
+    (on at most ``calibration_cases`` of them, ``evaluation.calibration_cases``).
 
     Raises
     ------
@@ -120,8 +122,9 @@ def personalize(
     def val_dice(st: Mapping[str, np.ndarray]) -> float:
         model = build_segmenter(sess.model_cfg, sess.data_cfg)
         load_state(model, st)
-        tau = sess.site_threshold(model, min_component_voxels=min_component_voxels,
-                                  refine=refine) if threshold == "site" else None
+        tau = (sess.site_threshold(model, min_component_voxels=min_component_voxels, refine=refine,
+                                   calibration_cases=calibration_cases)
+               if threshold == "site" else None)
         return evaluate_state(model, None, sess.val_set, num_classes=sess.data_cfg.num_classes,
                               min_component_voxels=min_component_voxels, refine=refine,
                               threshold=tau).dice

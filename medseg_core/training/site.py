@@ -142,13 +142,14 @@ class SiteSession(SitePrivacy):
         self, global_state: Mapping[str, np.ndarray], run_name: str, model_round: int, *,
         epochs: int, lr: float, batch_size: int, min_component_voxels: int = 0,
         refine: str = "none", positives_gate_open: bool | None = None, threshold: str = "argmax",
+        calibration_cases: int | None = None,
     ) -> PersonalizeOutcome:
         """Fine-tune only this site's private layers against the global model
         of ``model_round`` (:func:`medseg_core.training.personalize.personalize`)."""
         return personalize(self, global_state, run_name, model_round, epochs=epochs, lr=lr,
                            batch_size=batch_size, min_component_voxels=min_component_voxels,
                            refine=refine, positives_gate_open=positives_gate_open,
-                           threshold=threshold)
+                           threshold=threshold, calibration_cases=calibration_cases)
 
     def export_shared(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The part of ``state`` that may be sent; raises AdaptationLeakError
@@ -254,13 +255,15 @@ class SiteSession(SitePrivacy):
         raise ValueError(f"unknown split {split!r}; expected 'val' or 'test'")
 
     def site_threshold(self, model: nn.Module, *, min_component_voxels: int = 0,
-                       refine: str = "none") -> float | None:
+                       refine: str = "none", calibration_cases: int | None = None) -> float | None:
         """The foreground threshold calibrated for ``model`` on this site's
-        training labels (``evaluation.threshold: site``); None (the argmax)
-        where they hold one class only."""
+        training labels (``evaluation.threshold: site``), on at most
+        ``calibration_cases`` of its cases (the same draw every round); None
+        (the argmax) where they hold one class only."""
         tr = self.train_set
         found = calibrate_threshold(model, tr.images, tr.case_index, self.train_case_labels,
-                                    min_component_voxels=min_component_voxels, refine=refine)
+                                    min_component_voxels=min_component_voxels, refine=refine,
+                                    max_cases=calibration_cases, seed=self.round_seed(0))
         if found is None:
             logger.warning("site %s: its training cases hold one class only; scored at the "
                            "argmax (evaluation.threshold: site)", self.site.id)
@@ -270,7 +273,7 @@ class SiteSession(SitePrivacy):
     def evaluate(
         self, state: Mapping[str, np.ndarray], split: str, *, min_component_voxels: int = 0,
         run_name: str = "", model_round: int = 0, bag_gate: bool = False, refine: str = "none",
-        personalized: bool = False, threshold: str = "argmax",
+        personalized: bool = False, threshold: str = "argmax", calibration_cases: int | None = None,
     ) -> SiteEval:
         """Metrics of the global ``state`` (of round ``model_round``) on the
         site's ``"val"`` or ``"test"`` split, with the site's private
@@ -288,6 +291,7 @@ class SiteSession(SitePrivacy):
         model on the site's own training labels
         (:func:`medseg_core.calibration.calibrate_threshold`;
         ``evaluation.threshold``); the argmax where they hold one class only.
+        ``calibration_cases``: ``evaluation.calibration_cases``.
 
         Raises
         ------
@@ -314,7 +318,7 @@ class SiteSession(SitePrivacy):
         tau = None
         if threshold == "site" and data.labels is not None and bool(data.has_mask.any()):
             tau = self.site_threshold(model, min_component_voxels=min_component_voxels,
-                                      refine=refine)
+                                      refine=refine, calibration_cases=calibration_cases)
         return evaluate_split(model, data, num_classes=self.data_cfg.num_classes,
                               min_component_voxels=min_component_voxels,
                               with_auc=split == "test", bags=bags, bag_gate=bag_gate and bags,

@@ -81,3 +81,18 @@ def test_mixed_regime_federation_with_compare(tmp_path: Path) -> None:
     row = next(line for line in proc.stdout.splitlines() if line.startswith("reports "))
     tau = float(row.split("pamr at site threshold ")[1].split(":")[0])
     assert 0.0 < tau < 1.0 and "false-positive cases" in row.split("site threshold")[1]
+
+    # the calibration benchmark: each site's threshold on all its training
+    # cases and on seeded subsets (evaluation.calibration_cases), side by side
+    bench = bench.with_name("calibration.py")
+    proc = subprocess.run([sys.executable, str(bench), str(out), "--cases", "4", "--draws", "2"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if "cases: all" in line}
+    assert rows, proc.stdout
+    for row in rows.values():
+        sub = row.split("| 4 cases: ")[1]
+        taus = [float(t) for t in sub.split("thresholds ")[1].split(",")[0].split()]
+        assert len(taus) == 2 and all(0.0 < t < 1.0 for t in taus)
+        assert "test Dice - all's" in sub
+

@@ -105,3 +105,17 @@ def test_config_is_frozen() -> None:
     scenario = parse_model(ScenarioConfig, {"sites": [{"id": "a"}]})
     with pytest.raises(Exception, match="frozen"):
         scenario.rounds = 3  # type: ignore[misc]
+
+
+def test_calibration_cases_are_a_count_of_two_or_more_for_site_thresholds() -> None:
+    site = {"sites": [{"id": "a"}]}
+    with pytest.raises(ConfigError, match=r"evaluation\.calibration_cases.*1"):
+        parse_model(ScenarioConfig, {**site, "evaluation": {"threshold": "site",
+                                                            "calibration_cases": 1}})
+    with pytest.raises(ConfigError, match=r"calibration_cases is 64 but evaluation.threshold is "
+                                          r"'argmax'.*Fix: evaluation.threshold: site"):
+        parse_model(ScenarioConfig, {**site, "evaluation": {"calibration_cases": 64}})
+    ok = parse_model(ScenarioConfig, {**site, "evaluation": {"threshold": "site",
+                                                             "calibration_cases": 64}})
+    assert ok.evaluation.calibration_cases == 64
+    assert parse_model(ScenarioConfig, site).evaluation.calibration_cases is None
