@@ -97,9 +97,9 @@ class EvalConfig(_Strict):
     threshold: Literal["argmax", "site"] = "argmax"
     # with threshold "site": calibrate on at most this many training cases, a
     # seeded draw stratified by label, the same cases every round (None: all).
-    # Calibration predicts every case it reads (PAMR-refined with refine: pamr),
-    # at every validation: on mixed_regime.yaml that cost more than the round's
-    # DP training (docs/results-log.md, "Stop 26")
+    # Calibration predicts every case it reads (PAMR-refined with refine: pamr)
+    # whenever a site with masks on the scored split is evaluated: on
+    # mixed_regime.yaml more than a round's DP training (docs/results-log.md, "Stop 26")
     calibration_cases: int | None = Field(default=None, ge=2)
 
     @model_validator(mode="after")
