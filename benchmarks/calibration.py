@@ -42,6 +42,9 @@ def main() -> None:
     torch.set_num_threads(1)
     for scenario, sess, model, rnd in run_site_models(args.run, args.round):
         ev, tr, test = scenario.evaluation, sess.train_set, sess.test_set
+        if test.labels is None:
+            print(f"{sess.site.id:20s} no test masks: nothing to score")
+            continue
         n_known = int((sess.train_case_labels >= 0).sum())
 
         def calibrate(max_cases: int | None, seed: int) -> tuple[float | None, float]:
@@ -64,9 +67,6 @@ def main() -> None:
                     refine=ev.refine, threshold=tau).dice
             return scored[tau]
 
-        if test.labels is None:
-            print(f"{sess.site.id:20s} no test masks: nothing to score")
-            continue
         tau_all, sec_all = calibrate(None, 0)
         if tau_all is None:
             print(f"{sess.site.id:20s} its training labels hold one class: nothing to calibrate")
