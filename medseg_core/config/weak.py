@@ -84,6 +84,10 @@ class WeakConfig(_Strict):
     # weight of the weak cases' pixel terms (negatives' exact background, positives'
     # pseudo-masks and size prior) against a mask case's Dice + CE
     weak_weight: float = Field(default=1.0, ge=0.0)
+    # weight of the negatives' exact-background term within it (an image-level
+    # negative, or every instance of a negative bag): all of a negative's pixels
+    # are background, against the few pseudo-labelled pixels of a positive
+    neg_weight: float = Field(default=1.0, ge=0.0)
     # weight of a MIL bag's classification loss
     bag_weight: float = Field(default=1.0, ge=0.0)
     # how the CAM head's map becomes the image-level logit: "mean" (global average

@@ -239,6 +239,25 @@ def test_pixel_mil_constraint_and_cam_weight_reach_the_loss_from_the_config() ->
     assert all(c > w for c, w in zip(cam_only, without))  # the CAM loss, on every case with a class
 
 
+def test_neg_weight_scales_the_negatives_background_term_from_the_config() -> None:
+    from medseg_core.config import WeakConfig
+
+    torch.manual_seed(0)
+    model = _model()
+    x = torch.randn(3, 1, 32, 32)
+    labels = torch.full((3, 1, 32, 32), IGNORE_LABEL, dtype=torch.int64)
+    labels[2] = 0  # a mask case
+    classes = torch.tensor([0, 1, 0])  # a negative, a positive, the mask case
+    s = WeakSettings.from_config(WeakConfig(neg_weight=0.3, cam_weight=0.0))
+    assert s.neg_weight == 0.3
+    low = _per_case_loss(model, x, labels, classes, s)
+    full = _per_case_loss(model, x, labels, classes, WeakSettings(cam_weight=0.0))
+    assert low[0] == pytest.approx(0.3 * full[0], rel=1e-5) and full[0] > 0
+    assert low[1] == pytest.approx(full[1]) and low[2] == pytest.approx(full[2])
+    with pytest.raises(ValueError, match="neg_weight"):
+        WeakConfig(neg_weight=-0.1)
+
+
 def _positive_and_negative() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A fresh CAM model and two image-level cases (a positive, a negative), no masks."""
     torch.manual_seed(0)
