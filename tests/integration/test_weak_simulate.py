@@ -96,3 +96,22 @@ def test_mixed_regime_federation_with_compare(tmp_path: Path) -> None:
         assert len(taus) == 2 and all(0.0 < t < 1.0 for t in taus)
         assert "test Dice - all's" in sub
 
+
+    # the multi-seed weak / full benchmark reads this run's two arms (laid out
+    # as it writes them) instead of running them again, and prints the ratio
+    # --compare computed
+    layout = tmp_path / "bench"
+    layout.mkdir()
+    (layout / "dp-on-seed3-weak").symlink_to(out)
+    (layout / "dp-on-seed3-full").symlink_to(out / "full-masks")
+    proc = subprocess.run([sys.executable, str(bench.with_name("weak_full.py")), "--config",
+                           str(tmp_path / "scenario.yaml"), "--seeds", "3", "--out", str(layout)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("seed 3 "))
+    shown = float(row.split("| reports ")[1].split("= ")[1].split()[0])
+    assert shown == pytest.approx(cmp["weak_over_full"]["reports"], abs=0.005)
+    assert "volumes " in row and "mil_auc" in row
+    assert "mean of the per-seed ratios over seeds [3]" in proc.stdout
+    target = "seeds [3] (1 of 1)" if cmp["weak_over_full"]["reports"] >= 0.85 else "seeds [] (0 of 1)"
+    assert target in proc.stdout
