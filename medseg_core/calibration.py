@@ -117,12 +117,10 @@ def calibrate_threshold(
     (threshold, balanced accuracy), or None when the known labels do not
     hold both classes (nothing to calibrate against).
     """
-    known = case_labels >= 0
-    pos, neg = known & (case_labels == 1), known & (case_labels == 0)
-    if not bool(pos.any()) or not bool(neg.any()):
+    if not bool((case_labels == 1).any()) or not bool((case_labels == 0).any()):
         return None
     known = calibration_cases(case_labels, max_cases, seed)
-    pos, neg = known & pos, known & neg
+    pos, neg = known & (case_labels == 1), known & (case_labels == 0)
     slices = known[case_index]
     case_index = case_index[slices]
     prob = foreground_probability(model, images[slices], refine=refine).flatten(1)
