@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from medseg_core.config import DataConfig, ModelConfig
 from medseg_core.data.augment import intensity_augmentation
@@ -29,7 +29,7 @@ from medseg_core.privacy.budget import RoundPrivacyPlan
 from medseg_core.privacy.engine import exported_state, make_private
 from medseg_core.training.loop import make_optimizer, train_epochs
 from medseg_core.weak.augment import strong_augment
-from medseg_core.weak import BagSet, MilLoss, WeakSegLoss, WeakSettings, fold_bag_grad_samples
+from medseg_core.weak import WeakSegLoss, WeakSettings
 
 __all__ = [
     "FitResult",
@@ -38,8 +38,9 @@ __all__ = [
     "concat_slicesets",
     "evaluate_state",
     "fit",
-    "fit_bags",
     "load_state",
+    "privatise",
+    "set_trainable",
     "steps_per_epoch",
     "weak_site_trainable",
 ]
@@ -57,7 +58,7 @@ class FitSettings:
     optimizer: str = "adam"
     momentum: float = 0.0
     proximal_mu: float = 0.0
-    bag_batch_size: int | None = None  # MIL bags per step (fit_bags); None: batch_size / K
+    bag_batch_size: int | None = None  # MIL bags per step (bags.fit_bags); None: batch_size / K
     augment: bool = True
     # nnU-Net's intensity augmentations on top of the flips (medseg_core/data/augment.py)
     intensity: bool = False
@@ -164,7 +165,7 @@ def concat_slicesets(sets: list[SliceSet]) -> SliceSet:
     )
 
 
-def _privatise(
+def privatise(
     model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
     privacy: RoundPrivacyPlan, accountant: object | None, secure_mode: bool,
 ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
@@ -224,10 +225,7 @@ def fit(
     if train.labels is None and weak is None:
         raise ValueError("fit() needs labelled slices; this SliceSet has no masks")
     torch.manual_seed(settings.seed)
-    _freeze_unused_heads(model, cam_used=weak is not None, mil_used=False)
-    if only is not None:
-        for name, p in model.named_parameters():
-            p.requires_grad_(p.requires_grad and name in only)
+    set_trainable(model, cam_used=weak is not None, mil_used=False, only=only)
     anchor = (
         {k: v.detach().clone() for k, v in model.state_dict().items()}
         if settings.proximal_mu > 0
@@ -248,8 +246,8 @@ def fit(
     trained: nn.Module = model
     t0 = time.perf_counter()
     if privacy is not None:
-        trained, optimizer, loader = _privatise(model, optimizer, loader, privacy, accountant,
-                                                secure_mode)
+        trained, optimizer, loader = privatise(model, optimizer, loader, privacy, accountant,
+                                               secure_mode)
     res = train_epochs(
         trained, loader, optimizer, loss_fn,
         epochs=settings.epochs, proximal_mu=settings.proximal_mu, anchor=anchor,
@@ -275,105 +273,20 @@ def weak_site_trainable(model: nn.Module, freeze: str,
     return frozenset(n for n, _ in model.named_parameters() if n not in frozen)
 
 
-def _freeze_unused_heads(model: nn.Module, *, cam_used: bool, mil_used: bool) -> None:
-    """Heads this kind of training does not use get no gradient (Opacus needs
-    a per-sample gradient for every trainable parameter); their weights are
-    still exported unchanged."""
+def set_trainable(model: nn.Module, *, cam_used: bool, mil_used: bool,
+                  only: frozenset[str] | None) -> None:
+    """Which parameters this kind of training updates. Heads it does not use
+    get no gradient (Opacus needs a per-sample gradient for every trainable
+    parameter); with ``only``, nothing outside it trains either. Frozen
+    weights are still exported unchanged."""
     seg = cam_segmenter(model)
-    if seg is None:
-        return
-    seg.cam_head.requires_grad_(cam_used)
-    if seg.mil_head is not None:
-        seg.mil_head.requires_grad_(mil_used)
-
-
-class _IntensityBags(Dataset[tuple[torch.Tensor, ...]]):
-    """Bags ``(K, C, H, W)`` with one intensity-augmentation draw per bag (a
-    volume comes from one scanner: its slices share the draw)."""
-
-    def __init__(self, bags: Dataset, intensity: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.bags, self.intensity = bags, intensity
-
-    def __len__(self) -> int:
-        return len(self.bags)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
-        x, *rest = self.bags[i]
-        return (self.intensity(x.reshape(-1, *x.shape[2:])).reshape(x.shape), *rest)
-
-
-def bag_batch_size(batch_size: int, bag_len: int, bags: int | None = None) -> int:
-    """Bags per step: ``bags`` if given (``train.bag_batch_size``), else about
-    ``batch_size`` instances (at least one bag)."""
-    if bags is not None:
-        return bags
-    return max(1, round(batch_size / max(1, bag_len)))
-
-
-def fit_bags(
-    model: nn.Module,
-    bags: BagSet,
-    settings: FitSettings,
-    *,
-    privacy: RoundPrivacyPlan | None,
-    accountant: object | None = None,
-    secure_mode: bool = False,
-    weak: WeakSettings | None = None,
-    only: frozenset[str] | None = None,
-) -> FitResult:
-    """Train ``model`` (with a MIL head) on bag-labelled data for
-    ``settings.epochs`` epochs; a bag is one DP-SGD sample.
-
-    Each step draws :func:`bag_batch_size` bags. Under DP, per-row
-    gradients are folded into per-bag gradients before clipping
-    (:func:`medseg_core.weak.mil.fold_bag_grad_samples`). ``only``: as in
-    :func:`fit`.
-    """
-    torch.manual_seed(settings.seed)
-    _freeze_unused_heads(model, cam_used=True, mil_used=True)
-    if only is not None:  # as in fit()
+    if seg is not None:
+        seg.cam_head.requires_grad_(cam_used)
+        if seg.mil_head is not None:
+            seg.mil_head.requires_grad_(mil_used)
+    if only is not None:
         for name, p in model.named_parameters():
             p.requires_grad_(p.requires_grad and name in only)
-    k = int(bags.images.shape[1])
-    bag_data: Dataset = TensorDataset(bags.images, bags.valid, bags.labels)
-    if settings.intensity:
-        bag_data = _IntensityBags(bag_data, intensity_augmentation(settings.seed))
-    loader: DataLoader = DataLoader(
-        bag_data, batch_size=bag_batch_size(settings.batch_size, k, settings.bag_batch_size),
-        shuffle=True)
-    optimizer = make_optimizer(
-        model, settings.optimizer, settings.lr, momentum=settings.momentum  # type: ignore[arg-type]
-    )
-    loss_fn = MilLoss(model, weak)
-    trained: nn.Module = model
-    t0 = time.perf_counter()
-    if privacy is not None:
-        trained, optimizer, loader = _privatise(model, optimizer, loader, privacy, accountant,
-                                                secure_mode)
-    trained.train()
-    losses, steps, examples = [], 0, 0
-    for _ in range(settings.epochs):
-        for x, valid, y in loader:
-            b = int(x.shape[0])
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(trained(x.reshape(b * k, *x.shape[2:])), (valid, y))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"MIL training loss became {loss.item()} at step {steps + 1}; lower train.lr"
-                )
-            loss.backward()
-            if privacy is not None:
-                fold_bag_grad_samples(trained, b, k)
-            optimizer.step()
-            steps += 1
-            if b:
-                losses.append(float(loss.detach()))
-                examples += b
-    state = {k_: v.numpy() for k_, v in exported_state(trained).items()}
-    return FitResult(
-        state=state, loss=float(np.mean(losses)) if losses else float("nan"), steps=steps,
-        num_examples=examples, seconds=time.perf_counter() - t0,
-    )
 
 
 def evaluate_state(

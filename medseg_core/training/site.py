@@ -39,12 +39,12 @@ from medseg_core.privacy.accountant import epsilon_of, save_accountant
 from medseg_core.training.evaluation import SiteEval, evaluate_split
 from medseg_core.training.personalize import PersonalizeOutcome, personal_store, personalize
 from medseg_core.training.replay import ReplyCache, state_digest
+from medseg_core.training.bags import fit_bags
 from medseg_core.training.session import (
     FitSettings,
     build_segmenter,
     evaluate_state,
     fit,
-    fit_bags,
     load_state,
     weak_site_trainable,
 )

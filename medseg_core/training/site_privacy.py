@@ -23,7 +23,8 @@ from medseg_core.privacy.accountant import epsilon_of, load_accountant
 from medseg_core.privacy.noise import projected_epsilon
 from medseg_core.privacy.budget import FIX_HINT, RoundPrivacyPlan, plan_round
 from medseg_core.training.rounds import RoundRequest
-from medseg_core.training.session import bag_batch_size, steps_per_epoch
+from medseg_core.training.bags import bag_batch_size
+from medseg_core.training.session import steps_per_epoch
 from medseg_core.training.site_data import SiteData
 
 __all__ = ["SitePrivacy"]

@@ -17,7 +17,8 @@ from medseg_core.data.datalist import Case
 from medseg_core.errors import DataIntegrityError
 from medseg_core.models.heads import MilHead
 from medseg_core.sites import materialise_site
-from medseg_core.training.session import bag_batch_size, build_segmenter
+from medseg_core.training.bags import bag_batch_size
+from medseg_core.training.session import build_segmenter
 from medseg_core.training.site import RoundRequest, SiteSession
 from medseg_core.weak import MilLoss, WeakSettings, check_bags, fold_bag_grad_samples
 
