@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from medseg_core.config import load_site_config
-from medseg_core.privacy.accountant import ACCOUNTANTS, accountant_from_dict, epsilon_of, new_accountant
-from medseg_core.privacy.noise import calibrate_noise
+from medseg_core.privacy.accountant import ACCOUNTANTS, accountant_from_dict, new_accountant
+from medseg_core.privacy.noise import calibrate_noise, projected_epsilon
 
 
 def site_rows(site_dir: Path, accountants: list[str]) -> dict:
@@ -46,9 +46,9 @@ def site_rows(site_dir: Path, accountants: list[str]) -> dict:
     out: dict = {"sample_rate": q, "steps": steps, "epsilon_cap": cfg.epsilon, "delta": cfg.delta,
                  "recorded": (cfg.accountant, sigma), "epsilon": {}, "noise": {}, "seconds": {}}
     for name in accountants:
-        acc = new_accountant(name)  # type: ignore[arg-type]
-        acc.history = list(history)
-        out["epsilon"][name] = epsilon_of(acc, cfg.delta)
+        out["epsilon"][name] = projected_epsilon(new_accountant(name),  # type: ignore[arg-type]
+                                                 noise_multiplier=sigma, sample_rate=q, steps=steps,
+                                                 delta=cfg.delta)
         t0 = time.perf_counter()
         out["noise"][name] = calibrate_noise(new_accountant(name), target_epsilon=cfg.epsilon,  # type: ignore[arg-type]
                                              delta=cfg.delta, sample_rate=q, steps=steps)
