@@ -323,6 +323,13 @@ class ScenarioConfig(_Strict):
                 f"or bag: no site would ever train the {part}. Fix: add a site with masks "
                 "(label_regime mask or mixed), or set weak_sites_freeze: none"
             )
+        start = self.train.weak.weak_sites_freeze_from_round
+        if part != "none" and start > self.rounds:
+            raise ValueError(
+                f"train.weak.weak_sites_freeze_from_round is {start} but the run has "
+                f"{self.rounds} round(s): the {part} would never be frozen. Fix: a round from 1 "
+                f"to {self.rounds}, or weak_sites_freeze: none"
+            )
         return self
 
     @model_validator(mode="after")

@@ -114,6 +114,12 @@ class WeakConfig(_Strict):
     # not lift the image-level sites (docs/results-log.md, "Stop 19"). "none": every site trains
     # every shared array
     weak_sites_freeze: Literal["none", "decoder", "encoder"] = "none"
+    # the first round the freeze applies in; before it, the sites without masks
+    # train every shared array too (1: frozen from the start). Frozen from round
+    # 1, a seed whose initial model learns late under DP never left the empty
+    # prediction on the mask site's updates alone; with every site training the
+    # decoder for the first rounds, it did (docs/results-log.md, "Stop 28")
+    weak_sites_freeze_from_round: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _before_gate_needs_a_gate(self) -> WeakConfig:
@@ -122,6 +128,16 @@ class WeakConfig(_Strict):
                 f"train.weak.positives_before_gate is {self.positives_before_gate!r} but "
                 "train.weak.positives_gate is unset, so there is no gate to be before. Fix: set "
                 "positives_gate (e.g. 0.1), or leave positives_before_gate out"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _freeze_from_round_needs_a_freeze(self) -> WeakConfig:
+        if self.weak_sites_freeze_from_round != 1 and self.weak_sites_freeze == "none":
+            raise ValueError(
+                f"train.weak.weak_sites_freeze_from_round is {self.weak_sites_freeze_from_round} "
+                "but weak_sites_freeze is 'none', so nothing is frozen from that round. Fix: set "
+                "weak_sites_freeze (e.g. decoder), or leave weak_sites_freeze_from_round out"
             )
         return self
 

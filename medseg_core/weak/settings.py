@@ -62,6 +62,7 @@ class WeakSettings:
     positives_before_gate: str = "off"  # "agree": the unrefined agreement rule while it is closed
     positives: bool = True  # this round trains the decoder on positives (see the warm-up)
     weak_sites_freeze: str = "none"  # "decoder" / "encoder": left untrained at sites without masks
+    weak_sites_freeze_from_round: int = 1  # the freeze applies from this round on
     fixmatch: bool = False
     fixmatch_threshold: float = 0.95
     fixmatch_weight: float = 1.0
@@ -78,16 +79,20 @@ class WeakSettings:
         return cls(**{n: getattr(cfg, n) for n in type(cfg).model_fields})
 
     def for_round(self, server_round: int, gate_open: bool | None = None) -> WeakSettings:
-        """The settings of one training round (the positives' warm-up).
+        """The settings of one training round (the positives' warm-up, and
+        ``weak_sites_freeze``, which applies from ``weak_sites_freeze_from_round``).
 
         ``gate_open``: the server's closed-loop warm-up for this round
         (:func:`positives_gate_open`); None where the run has no gate. While
         it is closed, ``positives_before_gate="agree"`` trains positives with
         the agreement rule, unrefined, instead of not at all."""
         warm = server_round >= self.positives_from_round
+        freeze = (self.weak_sites_freeze if server_round >= self.weak_sites_freeze_from_round
+                  else "none")
         if gate_open is False and warm and self.positives_before_gate == "agree":
-            return replace(self, positives=True, pseudo_fg="agree", refine="none")
-        return replace(self, positives=warm and gate_open is not False)
+            return replace(self, positives=True, pseudo_fg="agree", refine="none",
+                           weak_sites_freeze=freeze)
+        return replace(self, positives=warm and gate_open is not False, weak_sites_freeze=freeze)
 
 
 def positives_gate_open(val_dice: float | None, empty_dice: float | None,

@@ -26,8 +26,9 @@ sites:
 model: {channels: [8, 16], strides: [2], norm_groups: 4, weak_head: cam, mil_pooling: attention}
 data: {image_size: 32, val_fraction: 0.25}
 train: {local_epochs: 1, batch_size: 4, lr: 0.01,
-       weak: {mil_weight: 0.2, weak_sites_freeze: decoder}}   # as mixed_regime.yaml: the pixel-level
-       # MIL constraint; the sites without masks leave the decoder to the mask site
+       weak: {mil_weight: 0.2, weak_sites_freeze: decoder, weak_sites_freeze_from_round: 2}}
+       # as mixed_regime.yaml: the pixel-level MIL constraint; the sites without masks train
+       # the decoder in round 1 and leave it to the mask site from round 2
 privacy: {enabled: true, epsilon: 8.0}
 strategy: {regime_weights: {image: 0.5}}   # the image site's update counts half in the average
 evaluation: {bag_gate: true}   # the MIL site's volumes are segmented only where its MIL head says lesion

@@ -25,7 +25,7 @@ from server.federation import initial_state, run_federation
 from local_grid import LocalGrid, site_yamls
 
 
-def _scenario(freeze: str, *, dp: bool, rounds: int = 1) -> ScenarioConfig:
+def _scenario(freeze: str, *, dp: bool, rounds: int = 1, from_round: int = 1) -> ScenarioConfig:
     return parse_model(ScenarioConfig, {
         "rounds": rounds, "seed": 5,
         "sites": [{"id": "masks", "n_train": 12, "n_test": 3, "label_regime": "mask",
@@ -37,7 +37,8 @@ def _scenario(freeze: str, *, dp: bool, rounds: int = 1) -> ScenarioConfig:
         "model": {"channels": [8, 16], "strides": [2], "norm_groups": 4, "weak_head": "cam",
                   "mil_pooling": "attention", "adaptation": "norm"},
         "data": {"image_size": 32, "val_fraction": 0.25},
-        "train": {"batch_size": 4, "lr": 0.01, "weak": {"weak_sites_freeze": freeze}},
+        "train": {"batch_size": 4, "lr": 0.01, "weak": {"weak_sites_freeze": freeze,
+                                                              "weak_sites_freeze_from_round": from_round}},
         "strategy": {"name": "fedavg"},
         "privacy": {"enabled": dp, "epsilon": 50.0},
     })
@@ -83,6 +84,27 @@ def test_sites_without_masks_send_the_frozen_part_unchanged_under_dp(freeze: str
         assert any("cam_head" in k for k in changed)  # the heads still train everywhere
 
 
+def test_the_freeze_starts_at_its_round(tmp_path: Path) -> None:
+    """``weak_sites_freeze_from_round``: a site without masks trains the
+    decoder in the rounds before it and sends it unchanged from it on (real
+    DP-SGD rounds, the same site and its persisted accountant)."""
+    scenario = _scenario("decoder", dp=True, rounds=3, from_round=3)
+    g = initial_state(scenario)
+    _, dec = encoder_decoder_names(build_segmenter(scenario.model, scenario.data))
+    site = materialise_site(scenario.sites[1], scenario, tmp_path)  # the image-level site
+    sess = SiteSession(site, model_cfg=scenario.model, data_cfg=scenario.data,
+                       weak_cfg=scenario.train.weak)
+    moved = {}
+    for rnd in (1, 2, 3):
+        res = sess.train_round(g, RoundRequest(server_round=rnd, total_rounds=3, local_epochs=1,
+                                               lr=0.01, batch_size=4, run_name="freeze-from"))
+        moved[rnd] = {k for k in dec if k in res.shared and not np.array_equal(res.shared[k], g[k])}
+        assert res.epsilon is not None and res.epsilon > 0
+    n_dec = len([k for k in dec if k in g])
+    assert len(moved[1]) == len(moved[2]) == n_dec  # before the start round: every decoder array
+    assert moved[3] == set()  # from it: none
+
+
 class _RecordingGrid(LocalGrid):
     """Keeps every reply the server pulled."""
 
@@ -118,6 +140,10 @@ def test_the_server_averages_the_frozen_part_over_the_mask_sites_only(tmp_path: 
 
 @pytest.mark.parametrize(("weak", "msg"), [
     ({"weak_sites_freeze": "bottleneck"}, r"weak_sites_freeze"),
+    ({"weak_sites_freeze_from_round": 4}, r"weak_sites_freeze_from_round is 4 but "
+                                           r"weak_sites_freeze is 'none'.*Fix: set weak_sites_freeze"),
+    ({"weak_sites_freeze": "decoder", "weak_sites_freeze_from_round": 0},
+     r"weak_sites_freeze_from_round"),
 ])
 def test_a_bad_freeze_value_is_refused_with_its_name(weak: dict, msg: str) -> None:
     with pytest.raises(ConfigError, match=msg):
@@ -129,4 +155,13 @@ def test_freezing_with_no_mask_site_is_refused_with_the_fix() -> None:
     raw["sites"] = raw["sites"][1:]
     with pytest.raises(ConfigError, match=r"weak_sites_freeze is 'decoder' but every site's "
                                           r"label_regime is image or bag.*Fix: add a site with masks"):
+        parse_model(ScenarioConfig, raw)
+
+
+def test_a_freeze_that_would_start_after_the_last_round_is_refused() -> None:
+    raw = _scenario("decoder", dp=False, rounds=3, from_round=3).model_dump(mode="json")
+    parse_model(ScenarioConfig, raw)  # the last round is a valid start
+    raw["train"]["weak"]["weak_sites_freeze_from_round"] = 4
+    with pytest.raises(ConfigError, match=r"weak_sites_freeze_from_round is 4 but the run has 3 "
+                                          r"round\(s\): the decoder would never be frozen. Fix"):
         parse_model(ScenarioConfig, raw)
