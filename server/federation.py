@@ -82,6 +82,7 @@ def _train_config(scenario: ScenarioConfig, run_id: str) -> dict[str, Any]:
         "momentum": t.momentum,
         keys.RUN_NAME: run_id,
         keys.PERSONALIZE_EPOCHS: t.personalize.epochs,
+        keys.ADAPTATION_FROM_ROUND: t.adaptation_from_round,
         **site_settings(scenario),
     }
 

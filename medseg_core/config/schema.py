@@ -157,6 +157,13 @@ class TrainConfig(_Strict):
     momentum: float = Field(default=0.0, ge=0.0, lt=1.0)  # SGD only
     weak: WeakConfig = WeakConfig()
     personalize: PersonalizeConfig = PersonalizeConfig()
+    # the first round in which a site trains its private adaptation layers
+    # (model.adaptation); before it they keep their initial values (the input
+    # adapter is the identity) and only the shared weights train. Under DP an
+    # adapter trained from round 1 takes its own un-averaged noise while the
+    # shared model has learned nothing yet; on a late-learning seed that kept
+    # every site at the empty prediction (docs/results-log.md, "Stop 28")
+    adaptation_from_round: int = Field(default=1, ge=1)
 
 
 class StrategyConfig(_Strict):
@@ -329,6 +336,24 @@ class ScenarioConfig(_Strict):
                 f"train.weak.weak_sites_freeze_from_round is {start} but the run has "
                 f"{self.rounds} round(s): the {part} would never be frozen. Fix: a round from 1 "
                 f"to {self.rounds}, or weak_sites_freeze: none"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _adaptation_warm_up_needs_private_layers(self) -> ScenarioConfig:
+        start = self.train.adaptation_from_round
+        if start == 1:
+            return self
+        if self.model.adaptation == AdaptationMode.NONE:
+            raise ValueError(
+                f"train.adaptation_from_round is {start} but model.adaptation is 'none': there "
+                "are no private layers to start training. Fix: set model.adaptation (e.g. "
+                "adapter), or leave adaptation_from_round out"
+            )
+        if start > self.rounds:
+            raise ValueError(
+                f"train.adaptation_from_round is {start} but the run has {self.rounds} round(s): "
+                f"the private layers would never train. Fix: a round from 1 to {self.rounds}"
             )
         return self
 

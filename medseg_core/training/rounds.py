@@ -37,6 +37,9 @@ class RoundRequest:
     # epochs of post-federation personalisation whose DP budget the rounds
     # leave free (train.personalize.epochs; 0: none)
     reserve_epochs: int = 0
+    # train.adaptation_from_round: before this round the site's private
+    # adaptation layers stay as they are and only the shared weights train
+    adaptation_from_round: int = 1
 
 
 def outcome_from_cache(shared: dict[str, np.ndarray], stats: dict) -> RoundOutcome:

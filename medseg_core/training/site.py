@@ -193,6 +193,11 @@ class SiteSession(SitePrivacy):
         # a site without masks leaves train.weak.weak_sites_freeze's part to the mask sites
         only = weak_site_trainable(model, weak.weak_sites_freeze, self.local_keys) if (
             self.weak and self.site.label_regime in (LabelRegime.IMAGE, LabelRegime.BAG)) else None
+        if self.local_keys and req.server_round < req.adaptation_from_round:
+            # the private layers' warm-up: they wait while the shared weights train
+            shared_only = frozenset(n for n, _ in model.named_parameters()
+                                    if n not in self.local_keys)
+            only = shared_only if only is None else only & shared_only
         if self.is_bag_site:
             result = fit_bags(model, self.train_bags, settings, privacy=plan, accountant=accountant,
                               secure_mode=self.site.secure_mode, weak=weak, only=only)
