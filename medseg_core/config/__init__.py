@@ -12,8 +12,8 @@ Two kinds of file exist:
   only and never sent anywhere.
 
 The package is split by concern (``base``: strict base and enums; ``weak``:
-the weak-label options; ``schema``: scenario and site; ``loading``: files and
-error messages); import from ``medseg_core.config``.
+the weak-label options; ``site_specs``: the sites a scenario lists;
+``schema``: scenario and site; ``loading``: files and error messages); import from ``medseg_core.config``.
 """
 
 from __future__ import annotations
@@ -27,21 +27,23 @@ from medseg_core.config.loading import (
     parse_model,
 )
 from medseg_core.config.schema import (
-    AnatomySiteSpec,
     DataConfig,
     EvalConfig,
     ModelConfig,
-    PathSiteSpec,
     PersonalizeConfig,
     PrivacyConfig,
     ScenarioConfig,
-    ShiftSpec,
     SimulationConfig,
     SiteConfig,
-    SiteSpec,
     StrategyConfig,
-    SyntheticSiteSpec,
     TrainConfig,
+)
+from medseg_core.config.site_specs import (
+    AnatomySiteSpec,
+    PathSiteSpec,
+    ShiftSpec,
+    SiteSpec,
+    SyntheticSiteSpec,
 )
 from medseg_core.config.weak import WeakConfig
 

@@ -10,7 +10,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from medseg_core.config.base import M
-from medseg_core.config.schema import PathSiteSpec, ScenarioConfig, SiteConfig
+from medseg_core.config.schema import ScenarioConfig, SiteConfig
+from medseg_core.config.site_specs import PathSiteSpec
 from medseg_core.errors import ConfigError
 
 __all__ = [
