@@ -13,7 +13,8 @@ Two kinds of file exist:
 
 The package is split by concern (``base``: strict base and enums; ``weak``:
 the weak-label options; ``site_specs``: the sites a scenario lists;
-``schema``: scenario and site; ``loading``: files and error messages); import from ``medseg_core.config``.
+``schema``: scenario and site; ``loading``: files and error messages);
+import from ``medseg_core.config``.
 """
 
 from __future__ import annotations
