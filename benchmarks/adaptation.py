@@ -37,6 +37,21 @@ def _simulate(config: Path, out: Path, dp: str) -> dict:
     return summary
 
 
+def mode_config(base: dict, seed: int, mode: str, personalize: int | None) -> dict:
+    """The scenario dict ``base`` as one arm: ``seed``, ``model.adaptation:
+    mode``, and ``train.personalize.epochs`` (``personalize``, or the
+    scenario's own; 0 for ``none``, which has nothing private to personalise).
+    The ``none`` arm also drops ``train.adaptation_from_round``: plain FedAvg
+    has no private layers to start, and the scenario refuses the option
+    there."""
+    train = dict(base.get("train", {}))
+    pers = train.get("personalize", {}).get("epochs", 0) if personalize is None else personalize
+    train["personalize"] = {**train.get("personalize", {}), "epochs": 0 if mode == "none" else pers}
+    if mode == "none":
+        train.pop("adaptation_from_round", None)
+    return {**base, "seed": seed, "model": {**base["model"], "adaptation": mode}, "train": train}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "simulations" / "configs" / "strong_shift.yaml"))
@@ -59,14 +74,8 @@ def main() -> None:
             for mode in args.modes:
                 tag = f"dp-{dp}-seed{seed}-{mode.replace('+', '-')}"
                 cfg = out / f"{tag}.yaml"
-                train = dict(base.get("train", {}))
-                pers = train.get("personalize", {}).get("epochs", 0) if args.personalize is None \
-                    else args.personalize
-                train["personalize"] = {**train.get("personalize", {}),
-                                        "epochs": 0 if mode == "none" else pers}
-                cfg.write_text(yaml.safe_dump(
-                    {**base, "seed": seed, "model": {**base["model"], "adaptation": mode},
-                     "train": train}, sort_keys=False))
+                cfg.write_text(yaml.safe_dump(mode_config(base, seed, mode, args.personalize),
+                                              sort_keys=False))
                 rows[mode] = summ = _simulate(cfg, out / tag, dp)
                 per = summ["federated"]["per_site"]
                 if any("dice_global" in v for v in per.values()):

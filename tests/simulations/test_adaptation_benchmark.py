@@ -1,0 +1,43 @@
+"""``benchmarks/adaptation.py``: every arm it writes for the committed
+strong-shift scenario is a valid scenario (the ``none`` arm of a scenario
+with ``train.adaptation_from_round`` used to be refused)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medseg_core.config import ScenarioConfig, parse_model
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_adaptation", ROOT / "benchmarks" / "adaptation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("mode", ["none", "norm", "adapter", "norm+adapter"])
+def test_every_arm_of_the_strong_shift_scenario_parses(mode: str) -> None:
+    base = yaml.safe_load((ROOT / "simulations" / "configs" / "strong_shift.yaml").read_text())
+    assert base["train"]["adaptation_from_round"] > 1  # the case this test guards
+    arm = parse_model(ScenarioConfig, _bench().mode_config(base, 3, mode, None), source=mode)
+    assert arm.seed == 3
+    assert arm.model.adaptation.value == mode
+    if mode == "none":
+        assert arm.train.adaptation_from_round == 1
+        assert arm.train.personalize.epochs == 0
+    else:
+        assert arm.train.adaptation_from_round == base["train"]["adaptation_from_round"]
+
+
+def test_personalize_epochs_apply_to_the_arms_with_private_layers() -> None:
+    base = yaml.safe_load((ROOT / "simulations" / "configs" / "strong_shift.yaml").read_text())
+    b = _bench()
+    assert b.mode_config(base, 0, "adapter", 4)["train"]["personalize"]["epochs"] == 4
+    assert b.mode_config(base, 0, "none", 4)["train"]["personalize"]["epochs"] == 0
