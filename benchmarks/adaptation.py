@@ -16,25 +16,10 @@ global model with the private layers as federated.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _simulate(config: Path, out: Path, dp: str) -> dict:
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--config", str(config),
-           "--out", str(out), "--dp", dp]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    summary = json.loads((out / "summary.json").read_text())
-    summary["_wall"] = time.perf_counter() - t0
-    return summary
+from _common import ROOT, run_scenario
 
 
 def mode_config(base: dict, seed: int, mode: str, personalize: int | None) -> dict:
@@ -73,10 +58,8 @@ def main() -> None:
             rows: dict[str, dict] = {}
             for mode in args.modes:
                 tag = f"dp-{dp}-seed{seed}-{mode.replace('+', '-')}"
-                cfg = out / f"{tag}.yaml"
-                cfg.write_text(yaml.safe_dump(mode_config(base, seed, mode, args.personalize),
-                                              sort_keys=False))
-                rows[mode] = summ = _simulate(cfg, out / tag, dp)
+                summ, wall = run_scenario(mode_config(base, seed, mode, args.personalize), out / tag, dp)
+                rows[mode] = summ = {**summ, "_wall": wall}
                 per = summ["federated"]["per_site"]
                 if any("dice_global" in v for v in per.values()):
                     rows[f"{mode} (as federated)"] = {**summ, "federated": {**summ["federated"], "per_site": {

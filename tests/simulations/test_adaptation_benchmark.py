@@ -15,7 +15,8 @@ from medseg_core.config import ScenarioConfig, parse_model
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _bench():
+def _bench(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when run as a script: _common beside it
     spec = importlib.util.spec_from_file_location("bench_adaptation", ROOT / "benchmarks" / "adaptation.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -23,10 +24,10 @@ def _bench():
 
 
 @pytest.mark.parametrize("mode", ["none", "norm", "adapter", "norm+adapter"])
-def test_every_arm_of_the_strong_shift_scenario_parses(mode: str) -> None:
+def test_every_arm_of_the_strong_shift_scenario_parses(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     base = yaml.safe_load((ROOT / "simulations" / "configs" / "strong_shift.yaml").read_text())
     assert base["train"]["adaptation_from_round"] > 1  # the case this test guards
-    arm = parse_model(ScenarioConfig, _bench().mode_config(base, 3, mode, None), source=mode)
+    arm = parse_model(ScenarioConfig, _bench(monkeypatch).mode_config(base, 3, mode, None), source=mode)
     assert arm.seed == 3
     assert arm.model.adaptation.value == mode
     if mode == "none":
@@ -36,8 +37,8 @@ def test_every_arm_of_the_strong_shift_scenario_parses(mode: str) -> None:
         assert arm.train.adaptation_from_round == base["train"]["adaptation_from_round"]
 
 
-def test_personalize_epochs_apply_to_the_arms_with_private_layers() -> None:
+def test_personalize_epochs_apply_to_the_arms_with_private_layers(monkeypatch: pytest.MonkeyPatch) -> None:
     base = yaml.safe_load((ROOT / "simulations" / "configs" / "strong_shift.yaml").read_text())
-    b = _bench()
+    b = _bench(monkeypatch)
     assert b.mode_config(base, 0, "adapter", 4)["train"]["personalize"]["epochs"] == 4
     assert b.mode_config(base, 0, "none", 4)["train"]["personalize"]["epochs"] == 0
