@@ -90,6 +90,19 @@ class WeakConfig(_Strict):
     neg_weight: float = Field(default=1.0, ge=0.0)
     # weight of a MIL bag's classification loss
     bag_weight: float = Field(default=1.0, ge=0.0)
+    # the MIL head reads the encoder's features detached: the bag classification
+    # loss trains the head alone, as a probe on the shared encoder, and sends no
+    # gradient into it. Joint (false), the head and the bag site's local encoder
+    # fit each other, and the average over sites undoes most of the encoder's side
+    # (the bag site counts 0.1 in the mixed-regime scenario): in one no-DP run the
+    # head trained in a round scored a bag AUC of 0.12-0.84 on that round's global
+    # encoder. Measured on mixed_regime.yaml (docs/results-log.md, "Stop 31"):
+    # without DP, seeds 0-4, image sites' weak / full mean 0.865 / 0.859 (off:
+    # 0.815 / 0.842), 2 seeds of 5 at 0.85, mil_auc mean 0.60 (off: 0.49); under
+    # DP, seeds 0-1, lower on both (0.86 / 0.91 and 0.82 / 0.96 against 0.88 /
+    # 0.97 and 0.90 / 0.96; mil_auc 0.42, 0.44 against 0.79, 0.65). Off by default
+    # and in the scenarios
+    mil_head_detach: bool = False
     # how the CAM head's map becomes the image-level logit: "mean" (global average
     # pooling, Zhou et al. 2016) or "lse" (log-sum-exp, a smooth max, Pinheiro &
     # Collobert 2015): a lesion covering 1-2 of the 8x8 bottleneck cells is diluted

@@ -18,7 +18,9 @@ one bag at a time.)
 Loss per bag (:class:`MilLoss`), mean over bags:
 
 * bag classification: binary cross-entropy of the MIL head's bag logit
-  (:class:`medseg_core.models.heads.MilHead`, gated attention or max);
+  (:class:`medseg_core.models.heads.MilHead`, gated attention or max); with
+  ``train.weak.mil_head_detach`` the head reads the encoder's features
+  detached, so this term trains the head alone;
 * a **negative** bag: every member is lesion-free, so its pixels are exact
   background (cross-entropy) and every member's CAM image logit is 0;
 * a **positive** bag: the smooth-max (log-sum-exp) of the decoder's
@@ -219,8 +221,8 @@ class MilLoss(nn.Module):
         if seg is None or seg.mil_head is None or seg.last_features is None:
             raise ValueError("MilLoss needs a model with a MIL head (model.mil_pooling)")
         b, k = valid.shape
-        h = instance_embeddings(seg.last_features)
-        bag_logit, att = seg.mil_head(h, valid)
+        feats = seg.last_features.detach() if self.s.mil_head_detach else seg.last_features
+        bag_logit, att = seg.mil_head(instance_embeddings(feats), valid)
         y = labels.to(logits.dtype)
         bag_loss = image_label_loss(bag_logit, y, self.s)
         if b == 0:

@@ -33,6 +33,7 @@ class WeakSettings:
     # site reached its full-mask Dice. See docs/architecture.md.
     cam_weight: float = 0.2
     bag_weight: float = 1.0  # MIL bag classification loss
+    mil_head_detach: bool = False  # the bag loss trains the MIL head only, not the encoder
     weak_weight: float = 1.0
     mil_weight: float = 0.0
     tau_fg: float = 0.5

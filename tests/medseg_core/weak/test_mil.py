@@ -29,12 +29,13 @@ def _mil_model(pooling: str) -> torch.nn.Module:
     return build_segmenter(cfg, DataConfig(image_size=16))
 
 
-@pytest.mark.parametrize(("pooling", "size_prior"), [("attention", None), ("max", None),
-                                                     ("attention", (0.05, 0.3))])
-def test_folded_grad_samples_are_per_bag_gradients(pooling: str, size_prior) -> None:
+@pytest.mark.parametrize(("pooling", "size_prior", "detach"), [
+    ("attention", None, False), ("max", None, False), ("attention", (0.05, 0.3), False),
+    ("attention", None, True)])
+def test_folded_grad_samples_are_per_bag_gradients(pooling: str, size_prior, detach: bool) -> None:
     """What Opacus clips must be each bag's own gradient (the privacy unit)."""
     torch.manual_seed(0)
-    settings = WeakSettings(size_prior=size_prior)
+    settings = WeakSettings(size_prior=size_prior, mil_head_detach=detach)
     model = _mil_model(pooling)
     ModuleValidator.validate(model, strict=True)
     b, k = 3, 4
@@ -186,6 +187,24 @@ def test_bag_weight_scales_only_the_bag_classification_term() -> None:
     bag_only = loss(WeakSettings(weak_weight=0.0))
     assert loss(WeakSettings(weak_weight=0.0, bag_weight=0.2)) == pytest.approx(0.2 * bag_only, rel=1e-5)
     assert loss(WeakSettings(bag_weight=0.0)) == pytest.approx(loss(WeakSettings()) - bag_only, rel=1e-5)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detached_mil_head_keeps_the_bag_loss_out_of_the_encoder(detach: bool) -> None:
+    """train.weak.mil_head_detach: the bag classification loss trains the MIL
+    head alone; joint, it also reaches the encoder."""
+    torch.manual_seed(0)
+    model = _mil_model("attention")
+    x = torch.randn(6, 1, 16, 16)
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    s = WeakSettings(weak_weight=0.0, mil_head_detach=detach)  # the bag loss alone
+    MilLoss(model, s)(model(x), (valid, torch.tensor([1, 0]))).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    head = {n: g for n, g in grads.items() if n.startswith("mil_head.")}
+    encoder = {n: g for n, g in grads.items() if not n.startswith(("mil_head.", "cam_head."))
+               and g is not None and bool(g.abs().sum() > 0)}
+    assert head and all(g is not None and bool(g.abs().sum() > 0) for g in head.values())
+    assert bool(encoder) is not detach, sorted(encoder)[:3]
 
 
 def test_warm_up_round_trains_positive_bags_by_their_bag_label_only() -> None:
