@@ -54,3 +54,15 @@ def run_site_models(run: Path, rnd: int | None = None) -> Iterator[tuple[Any, An
         load_state(model, sess.full_state(shared, federated["run_id"], rnd))
         model.eval()
         yield scenario, sess, model, rnd
+
+
+def bag_gate_keep(scenario: Any, sess: Any, model: Any, data: Any) -> Any:
+    """Which of ``data``'s cases the run's bag gate keeps, as the run scored
+    them (``evaluation.bag_gate``, with the MIL head ``evaluation.mil_head``
+    names); None where there is no gate (or not a bag site)."""
+    from medseg_core.weak.mil import bag_probabilities
+
+    if not (scenario.evaluation.bag_gate and sess.is_bag_site):
+        return None
+    head = sess.site_mil_head(model) if scenario.evaluation.mil_head == "site" else None
+    return bag_probabilities(model, data.images, data.case_index, head=head) >= 0.5

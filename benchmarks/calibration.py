@@ -25,11 +25,10 @@ import time
 from pathlib import Path
 
 import torch
-from _common import run_site_models
+from _common import bag_gate_keep, run_site_models
 
 from medseg_core.calibration import calibrate_threshold
 from medseg_core.metrics import evaluate_segmentation
-from medseg_core.weak.mil import bag_probabilities
 
 
 def main() -> None:
@@ -55,8 +54,7 @@ def main() -> None:
             return (None if found is None else found[0]), time.perf_counter() - t0
 
         scored: dict[float, float] = {}
-        keep = (bag_probabilities(model, test.images, test.case_index) >= 0.5
-                if ev.bag_gate and sess.is_bag_site else None)  # as the run scored
+        keep = bag_gate_keep(scenario, sess, model, test)  # as the run scored
 
         def dice(tau: float) -> float:
             if tau not in scored:

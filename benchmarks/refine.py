@@ -25,12 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import run_site_models
+from _common import bag_gate_keep, run_site_models
 
 from medseg_core.calibration import calibrate_threshold
 from medseg_core.metrics import evaluate_segmentation
 from medseg_core.training.evaluation import case_has_lesion
-from medseg_core.weak.mil import bag_probabilities
 
 
 def main() -> None:
@@ -52,8 +51,7 @@ def main() -> None:
             print(f"{spec.id:20s} no test masks: nothing to score")
             continue
         has_fg = case_has_lesion(test).numpy()
-        keep = (bag_probabilities(model, test.images, test.case_index) >= 0.5
-                if ev.bag_gate and sess.is_bag_site else None)
+        keep = bag_gate_keep(scenario, sess, model, test)
         parts = [f"{spec.id:20s}"]
         arms: list[tuple[str, str, float | None]] = [("none", "none", None), ("pamr", "pamr", None)]
         if args.site_threshold:

@@ -217,6 +217,7 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 personalized=personalized,
                 threshold=str(cfg.get(keys.EVAL_THRESHOLD, "argmax")),
                 calibration_cases=int(cfg.get(keys.EVAL_CALIBRATION_CASES, 0)) or None,
+                mil_head=str(cfg.get(keys.EVAL_MIL_HEAD, "federated")),
             )
         except Exception as exc:  # noqa: BLE001
             return _refusal(msg, exc, "evaluation")

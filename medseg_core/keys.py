@@ -28,6 +28,7 @@ MIN_COMPONENT_VOXELS = "min-component-voxels"
 BAG_GATE = "bag-gate"  # evaluation: segment only the bags the MIL head calls positive
 EVAL_THRESHOLD = "eval-threshold"  # evaluation: "argmax", or "site" (each site's calibrated threshold)
 EVAL_CALIBRATION_CASES = "eval-calibration-cases"  # evaluation: cases a site threshold reads (0: all)
+EVAL_MIL_HEAD = "eval-mil-head"  # evaluation: "federated", or "site" (a bag site's refit MIL head)
 THRESHOLD = "threshold"  # evaluate reply: the foreground threshold the site scored at (NaN: argmax)
 EVAL_REFINE = "eval-refine"  # evaluation: post-processing of predictions ("none" or "pamr")
 MIL_AUC = "mil-auc"  # bag sites: AUC of the MIL head's bag-level prediction

@@ -26,6 +26,7 @@ def site_settings(scenario: ScenarioConfig) -> dict[str, Any]:
         keys.EVAL_REFINE: scenario.evaluation.refine,
         keys.EVAL_THRESHOLD: scenario.evaluation.threshold,
         keys.EVAL_CALIBRATION_CASES: scenario.evaluation.calibration_cases or 0,
+        keys.EVAL_MIL_HEAD: scenario.evaluation.mil_head,
         "model": scenario.model.model_dump_json(),
         "data": scenario.data.model_dump_json(),
         "weak": scenario.train.weak.model_dump_json(),

@@ -115,7 +115,8 @@ def _train_arm(
 def _score(scenario: ScenarioConfig, state: dict[str, np.ndarray], sess: SiteSession) -> dict:
     m = sess.evaluate(state, "test", min_component_voxels=scenario.evaluation.min_component_voxels,
                       bag_gate=scenario.evaluation.bag_gate, refine=scenario.evaluation.refine,
-                      threshold=scenario.evaluation.threshold)
+                      threshold=scenario.evaluation.threshold,
+                      mil_head=scenario.evaluation.mil_head)
     out: dict = {"dice": m.dice, "hd95": m.hd95, "dice_empty_baseline": m.empty_dice,
                  "dice_se": m.dice_se}
     if m.auc is not None:

@@ -145,7 +145,7 @@ class MilHead(nn.Module):
         super().__init__()
         if pooling not in ("attention", "max"):
             raise ValueError(f"unknown MIL pooling {pooling!r}; valid: ['attention', 'max']")
-        self.pooling = pooling
+        self.pooling, self.hidden = pooling, hidden
         self.classifier = nn.Linear(channels, 1)
         if pooling == "attention":
             self.att_v = nn.Linear(channels, hidden)

@@ -59,7 +59,7 @@ def _cases_with_masks(data: SliceSet) -> SliceSet | None:
 def evaluate_split(
     model: nn.Module, data: SliceSet, *, num_classes: int, min_component_voxels: int = 0,
     with_auc: bool = False, bags: bool = False, bag_gate: bool = False, refine: str = "none",
-    threshold: float | None = None,
+    threshold: float | None = None, mil_head: nn.Module | None = None,
 ) -> SiteEval:
     """Score ``model`` (weights loaded) on ``data``.
 
@@ -69,15 +69,18 @@ def evaluate_split(
     bag and the model has a MIL head), also the AUC of the MIL head's
     bag-level prediction (with ``with_auc``); with ``bag_gate`` as well, a
     case the MIL head calls negative (probability < 0.5) is segmented as
-    all background. ``refine``, ``threshold``: post-processing of the
-    predictions (:func:`medseg_core.metrics.evaluate_segmentation`).
+    all background. ``mil_head``: the MIL head that makes the bag-level
+    prediction (both uses) instead of the model's own, e.g. the site's
+    (:func:`medseg_core.weak.mil.refit_mil_head`). ``refine``,
+    ``threshold``: post-processing of the predictions
+    (:func:`medseg_core.metrics.evaluate_segmentation`).
     """
     if bag_gate and not bags:
         raise ValueError("bag_gate needs bags=True (cases that are MIL bags and a MIL head)")
     masked = _cases_with_masks(data)
     seg, empty = None, None
     if masked is not None:
-        keep = (bag_probabilities(model, masked.images, masked.case_index) >= 0.5
+        keep = (bag_probabilities(model, masked.images, masked.case_index, head=mil_head) >= 0.5
                 if bag_gate else None)
         seg = evaluate_state(model, None, masked, num_classes=num_classes,
                              min_component_voxels=min_component_voxels, case_keep=keep,
@@ -92,7 +95,7 @@ def evaluate_split(
             scores = case_scores(model, data.images, data.case_index)
             auc = roc_auc(scores[known], case_cls[known])
             if bags:
-                probs = bag_probabilities(model, data.images, data.case_index)
+                probs = bag_probabilities(model, data.images, data.case_index, head=mil_head)
                 mil_auc = roc_auc(probs[known], case_cls[known])
     return SiteEval(
         dice=None if seg is None else float(seg.dice),

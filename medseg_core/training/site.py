@@ -35,6 +35,7 @@ from medseg_core.data.integrity import require_valid_site
 from medseg_core.data.slices import SliceSet, load_slices
 from medseg_core.errors import ConfigError
 from medseg_core.weak import WeakSettings
+from medseg_core.weak.mil import MIL_HEAD_MODES, refit_mil_head
 from medseg_core.privacy.accountant import epsilon_of, save_accountant
 from medseg_core.training.evaluation import SiteEval, evaluate_split
 from medseg_core.training.personalize import PersonalizeOutcome, personal_store, personalize
@@ -275,10 +276,25 @@ class SiteSession(SitePrivacy):
             return None
         return found[0]
 
+    def site_mil_head(self, model: nn.Module) -> nn.Module | None:
+        """The MIL head refit for ``model`` on this site's training bags
+        (``evaluation.mil_head: site``,
+        :func:`medseg_core.weak.mil.refit_mil_head`, seeded per site); None
+        (the federated head) where they hold one class only."""
+        tr = self.train_set
+        head = refit_mil_head(model, tr.images, tr.case_index, self.train_case_labels,
+                              seed=self.round_seed(0))
+        if head is None:
+            logger.warning("site %s: its training bags hold one class only; the bag-level "
+                           "prediction is the federated MIL head's (evaluation.mil_head: site)",
+                           self.site.id)
+        return head
+
     def evaluate(
         self, state: Mapping[str, np.ndarray], split: str, *, min_component_voxels: int = 0,
         run_name: str = "", model_round: int = 0, bag_gate: bool = False, refine: str = "none",
         personalized: bool = False, threshold: str = "argmax", calibration_cases: int | None = None,
+        mil_head: str = "federated",
     ) -> SiteEval:
         """Metrics of the global ``state`` (of round ``model_round``) on the
         site's ``"val"`` or ``"test"`` split, with the site's private
@@ -297,6 +313,11 @@ class SiteSession(SitePrivacy):
         (:func:`medseg_core.calibration.calibrate_threshold`;
         ``evaluation.threshold``); the argmax where they hold one class only.
         ``calibration_cases``: ``evaluation.calibration_cases``.
+        ``mil_head="site"`` (a bag site): the bag-level prediction (its AUC
+        and the gate) is made by a MIL head fitted for this model on the
+        site's own training bags (:func:`medseg_core.weak.mil.refit_mil_head`;
+        ``evaluation.mil_head``) instead of the federated one; the federated
+        head where those bags hold one class only.
 
         Raises
         ------
@@ -305,6 +326,8 @@ class SiteSession(SitePrivacy):
             this run and round.
         """
         check_threshold_mode(threshold)
+        if mil_head not in MIL_HEAD_MODES:
+            raise ValueError(f"unknown evaluation mil_head {mil_head!r}; valid: {list(MIL_HEAD_MODES)}")
         model = build_segmenter(self.model_cfg, self.data_cfg)
         if personalized:
             if not self.has_personalized(run_name, model_round):
@@ -324,7 +347,8 @@ class SiteSession(SitePrivacy):
         if threshold == "site" and data.labels is not None and bool(data.has_mask.any()):
             tau = self.site_threshold(model, min_component_voxels=min_component_voxels,
                                       refine=refine, calibration_cases=calibration_cases)
+        head = self.site_mil_head(model) if mil_head == "site" and bags else None
         return evaluate_split(model, data, num_classes=self.data_cfg.num_classes,
                               min_component_voxels=min_component_voxels,
                               with_auc=split == "test", bags=bags, bag_gate=bag_gate and bags,
-                              refine=refine, threshold=tau)
+                              refine=refine, threshold=tau, mil_head=head)

@@ -48,7 +48,8 @@ from medseg_core.models.heads import cam_segmenter
 from medseg_core.weak.pseudo import pseudo_mask_ce, size_prior_loss
 from medseg_core.weak.settings import WeakSettings, cam_image_logit, image_label_loss
 
-__all__ = ["BagSet", "MilLoss", "bags_from_slices", "check_bags", "fold_bag_grad_samples"]
+__all__ = ["MIL_HEAD_MODES", "MIL_REFIT_STEPS", "BagSet", "MilLoss", "bag_probabilities",
+           "bags_from_slices", "check_bags", "fold_bag_grad_samples", "refit_mil_head"]
 
 
 @dataclass(frozen=True)
@@ -135,16 +136,11 @@ def instance_embeddings(features: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def bag_probabilities(model: nn.Module, images: Tensor, case_index: Tensor, *,
-                      batch_size: int = 64) -> Tensor:
-    """The MIL head's bag-level prediction: ``(n_cases,)`` probability that
-    each case (a bag of the slices sharing its ``case_index``) holds a lesion.
-
-    Raises
-    ------
-    ValueError
-        ``model`` has no MIL head (``model.mil_pooling: none``).
-    """
+def _bag_embeddings(model: nn.Module, images: Tensor, case_index: Tensor,
+                    batch_size: int = 64) -> tuple[Tensor, Tensor]:
+    """Each case's instance embeddings as padded bags: ``(n_cases, K, C)``
+    and the ``(n_cases, K)`` valid mask (a case is a bag of the slices
+    sharing its ``case_index``)."""
     seg = cam_segmenter(model)
     if seg is None or seg.mil_head is None:
         raise ValueError("bag-level prediction needs a model with a MIL head (model.mil_pooling)")
@@ -166,8 +162,91 @@ def bag_probabilities(model: nn.Module, images: Tensor, case_index: Tensor, *,
         rows = torch.nonzero(case_index == j).squeeze(1)
         padded[j, : len(rows)] = h[rows]
         valid[j, : len(rows)] = True
-    logits, _ = seg.mil_head(padded.view(n * k, -1), valid)
+    return padded, valid
+
+
+@torch.no_grad()
+def bag_probabilities(model: nn.Module, images: Tensor, case_index: Tensor, *,
+                      batch_size: int = 64, head: nn.Module | None = None) -> Tensor:
+    """The MIL head's bag-level prediction: ``(n_cases,)`` probability that
+    each case (a bag of the slices sharing its ``case_index``) holds a lesion.
+    ``head``: score with this MIL head (e.g. :func:`refit_mil_head`'s) over
+    ``model``'s embeddings instead of the model's own.
+
+    Raises
+    ------
+    ValueError
+        ``model`` has no MIL head (``model.mil_pooling: none``).
+    """
+    padded, valid = _bag_embeddings(model, images, case_index, batch_size)
+    n, k, c = padded.shape
+    mil_head = head if head is not None else cam_segmenter(model).mil_head  # type: ignore[union-attr]
+    logits, _ = mil_head(padded.view(n * k, c), valid)
     return torch.sigmoid(logits)
+
+
+MIL_HEAD_MODES: tuple[str, ...] = ("federated", "site")
+"""Which MIL head makes a bag site's bag-level prediction
+(``evaluation.mil_head``): the federated one, or the site's own refit."""
+
+MIL_REFIT_STEPS = 50
+"""Full-batch SGD steps (learning rate 0.1, momentum 0.9, the scenarios'
+training settings) of :func:`refit_mil_head`. One value, between the 30 and
+300 of a single diagnostic run (one no-DP model's test bags: 0.92 and 0.88)
+and set before the runs the figures come from; 200 Adam steps, tried after
+on those runs, gave a lower mean (docs/results-log.md, "Stop 31")."""
+
+
+def refit_mil_head(model: nn.Module, images: Tensor, case_index: Tensor, labels: Tensor, *,
+                   steps: int = MIL_REFIT_STEPS, lr: float = 0.1, momentum: float = 0.9,
+                   seed: int = 0) -> nn.Module | None:
+    """A MIL head fitted for ``model``'s encoder on one site's own labelled
+    bags (``evaluation.mil_head: site``).
+
+    A fresh head of the model's kind (seeded ``seed``) is trained on the
+    frozen instance embeddings of the bags, ``steps`` full-batch SGD steps
+    of the bag cross-entropy; the model is not changed. It is the bag-level
+    counterpart of a site's calibrated threshold
+    (:mod:`medseg_core.calibration`): it reads only the site's own training
+    labels and the scored model, and stays at the site. The federated head
+    is trained against each round's local encoder and scored on the next
+    average, which it has never seen.
+
+    Parameters
+    ----------
+    labels
+        ``(n_cases,)`` per case of ``case_index``: 1 / 0, or -1 unknown
+        (left out).
+
+    Returns
+    -------
+    nn.Module or None
+        The fitted head; None where the known labels hold one class only
+        (nothing to fit).
+    """
+    seg = cam_segmenter(model)
+    if seg is None or seg.mil_head is None:
+        raise ValueError("refitting a MIL head needs a model with a MIL head (model.mil_pooling)")
+    known = labels >= 0
+    if int(labels[known].unique().numel()) < 2:
+        return None
+    padded, valid = _bag_embeddings(model, images, case_index)
+    padded, valid, y = padded[known], valid[known], labels[known].to(padded.dtype)
+    n, k, c = padded.shape
+    old = seg.mil_head
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        head = type(old)(c, pooling=old.pooling, hidden=old.hidden)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum)
+    flat = padded.reshape(n * k, c)
+    with torch.enable_grad():  # callers score under no_grad
+        for _ in range(steps):
+            logits, _ = head(flat, valid)
+            loss = F.binary_cross_entropy_with_logits(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return head.eval()
 
 
 def bags_from_slices(slices: SliceSet, labels: dict[str, int]) -> BagSet:

@@ -31,7 +31,9 @@ train: {local_epochs: 1, batch_size: 4, lr: 0.01,
        # the decoder in round 1 and leave it to the mask site from round 2
 privacy: {enabled: true, epsilon: 8.0}
 strategy: {regime_weights: {image: 0.5}}   # the image site's update counts half in the average
-evaluation: {bag_gate: true}   # the MIL site's volumes are segmented only where its MIL head says lesion
+evaluation: {bag_gate: true, mil_head: site}
+  # the MIL site's volumes are segmented only where a MIL head says lesion: the one
+  # it refits for the scored model on its own training bags
 """
 
 
@@ -44,7 +46,7 @@ def test_mixed_regime_federation_with_compare(tmp_path: Path) -> None:
         assert 0.0 <= per[sid]["bag_auc"] <= 1.0
         assert 0.0 < per[sid]["epsilon"] <= 8.0 + 1e-6
     assert per["volumes"]["label_regime"] == "bag"
-    assert 0.0 <= per["volumes"]["mil_auc"] <= 1.0  # the MIL head's bag-level prediction
+    assert 0.0 <= per["volumes"]["mil_auc"] <= 1.0  # the site MIL head's bag-level prediction
     assert "volumes: bag-level AUC of the MIL head" in stdout
     assert s["federated"]["rejected_updates"] == 0
     cmp = s["compare"]
@@ -99,6 +101,17 @@ def test_mixed_regime_federation_with_compare(tmp_path: Path) -> None:
         assert len(taus) == 2 and all(0.0 < t < 1.0 for t in taus)
         assert "test Dice - all's" in sub
 
+
+    # the MIL-head benchmark scores the same checkpoint's bag-level predictions side
+    # by side; its site head is the one the run scored with (evaluation.mil_head: site)
+    proc = subprocess.run([sys.executable, str(bench.with_name("mil_head.py")), str(out)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if " volumes (round " in line)
+    site = float(row.split("mil_auc site ")[1].split()[0])
+    assert site == pytest.approx(per["volumes"]["mil_auc"], abs=5e-4)
+    assert float(row.split("bag_auc ")[1].split()[0]) == pytest.approx(per["volumes"]["bag_auc"],
+                                                                        abs=5e-4)
 
     # the multi-seed weak / full benchmark reads this run's two arms (laid out
     # as it writes them) instead of running them again, and prints the ratio
