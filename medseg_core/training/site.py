@@ -347,7 +347,9 @@ class SiteSession(SitePrivacy):
         if threshold == "site" and data.labels is not None and bool(data.has_mask.any()):
             tau = self.site_threshold(model, min_component_voxels=min_component_voxels,
                                       refine=refine, calibration_cases=calibration_cases)
-        head = self.site_mil_head(model) if mil_head == "site" and bags else None
+        # the bag-level prediction is used by the gate, and scored on the test split
+        head = (self.site_mil_head(model)
+                if mil_head == "site" and bags and (bag_gate or split == "test") else None)
         return evaluate_split(model, data, num_classes=self.data_cfg.num_classes,
                               min_component_voxels=min_component_voxels,
                               with_auc=split == "test", bags=bags, bag_gate=bag_gate and bags,

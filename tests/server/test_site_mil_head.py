@@ -117,7 +117,7 @@ def test_the_server_asks_for_it_and_records_the_sites_mil_auc(
     evals = [m for m in grid.pushed if m.metadata.message_type == "evaluate"]
     assert evals and all(m.content.config_records[keys.CONFIG][keys.EVAL_MIL_HEAD] == mode
                          for m in evals)
-    # the bag site refits at each of its evaluations (validation and test), and only then
+    # the bag site refits where it scores bags (its test evaluation), and only with "site"
     assert bool(refits) is (mode == "site")
     auc = outcome.sites["volumes"].mil_auc
     assert auc is not None and math.isfinite(auc) and 0.0 <= auc <= 1.0
