@@ -25,17 +25,12 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from _common import run_site_models
 
 from medseg_core.metrics import case_scores, roc_auc
+from medseg_core.training.evaluation import case_classes
 from medseg_core.weak.mil import bag_probabilities
-
-
-def _case_labels(data) -> torch.Tensor:  # noqa: ANN001
-    return torch.full((len(data.case_ids),), -1, dtype=torch.int64).scatter_reduce(
-        0, data.case_index, data.classes, reduce="amax", include_self=False)
 
 
 def main() -> None:
@@ -54,7 +49,7 @@ def main() -> None:
                                  "Fix: pass runs of a scenario with a MIL head")
             found = True
             te, tr = sess.test_set, sess.train_set
-            y = _case_labels(te)
+            y = case_classes(te)
             known = y >= 0
             decoder = roc_auc(case_scores(model, te.images, te.case_index)[known], y[known])
             federated = roc_auc(bag_probabilities(model, te.images, te.case_index)[known], y[known])

@@ -47,6 +47,13 @@ def case_has_lesion(data: SliceSet) -> torch.Tensor:
         include_self=False).bool()
 
 
+def case_classes(data: SliceSet) -> torch.Tensor:
+    """``(n_cases,)`` int64: each case's image-level or bag ``class`` (the
+    maximum over its slices), -1 where unknown."""
+    return torch.full((len(data.case_ids),), -1, dtype=torch.int64).scatter_reduce(
+        0, data.case_index, data.classes, reduce="amax", include_self=False)
+
+
 def _cases_with_masks(data: SliceSet) -> SliceSet | None:
     """The cases of ``data`` that have masks, or None."""
     if data.labels is None:
@@ -88,8 +95,7 @@ def evaluate_split(
         empty = float((~case_has_lesion(masked)).float().mean())
     auc, mil_auc = float("nan"), float("nan")
     if with_auc and len(data):
-        case_cls = torch.full((len(data.case_ids),), -1, dtype=torch.int64).scatter_reduce(
-            0, data.case_index, data.classes, reduce="amax", include_self=False)
+        case_cls = case_classes(data)
         known = case_cls >= 0
         if bool(known.any()):
             scores = case_scores(model, data.images, data.case_index)
