@@ -35,7 +35,7 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        scen = scenario or load_scenario(str(context.run_config["scenario"]))
+        scen = scenario or load_scenario(str(context.run_config["scenario"])).for_privacy()
         out = Path(out_dir or str(context.run_config.get("workdir", "runs/flwr-run")))
         # A deployment passes a stable run name (and resume) in the run
         # config, so a restarted server continues the same run.

@@ -214,7 +214,7 @@ def _cmd_make_site(args: argparse.Namespace) -> int:
     from medseg_core.errors import ConfigError
     from medseg_core.sites import materialise_site
 
-    scenario = load_scenario(args.config)
+    scenario = load_scenario(args.config).for_privacy()
     specs = {s.id: s for s in scenario.sites}
     if args.site not in specs:
         raise ConfigError(f"site {args.site!r} is not in {args.config}; its sites: {sorted(specs)}")

@@ -91,6 +91,9 @@ def run_simulate(scenario: ScenarioConfig, opts: SimulationOptions) -> dict[str,
     from server.app import build_server_app
     from server.federation import initial_state
 
+    run = scenario.for_privacy(opts.dp)  # without DP, with the scenario's without_dp settings
+    applied = None if run.privacy.enabled else scenario.without_dp
+    scenario = run
     if opts.quick:
         scenario = quick_variant(scenario)
     out = opts.out_dir.resolve()
@@ -138,6 +141,7 @@ def run_simulate(scenario: ScenarioConfig, opts: SimulationOptions) -> dict[str,
         "delta": scenario.privacy.delta if dp else None,
         "strategy": scenario.strategy.name.value,
         "adaptation": scenario.model.adaptation.value,
+        "without_dp": applied,  # the scenario's without_dp settings this run merged in
         "federated": {
             "dice_mean": fed["dice_mean"],
             "per_site": {

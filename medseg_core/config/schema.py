@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from medseg_core.config.base import (
     AdaptationMode,
@@ -217,6 +218,21 @@ class SimulationConfig(_Strict):
     torch_threads: int = Field(default=1, ge=1)
 
 
+# The top-level scenario keys a ``without_dp`` block may set.
+WITHOUT_DP_KEYS = ("rounds", "model", "data", "train", "strategy", "evaluation", "simulation")
+
+
+def _overlay(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base``: mappings key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _overlay(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 class ScenarioConfig(_Strict):
     """A whole federation: sites, model, training, privacy and strategy."""
 
@@ -231,6 +247,13 @@ class ScenarioConfig(_Strict):
     strategy: StrategyConfig = StrategyConfig()
     evaluation: EvalConfig = EvalConfig()
     simulation: SimulationConfig = SimulationConfig()
+    # Settings for the same federation when it runs without DP (privacy.enabled
+    # false, or `medseg simulate --dp off`): a partial scenario merged over this
+    # one, mappings key by key. DP-SGD's clipping and noise change which
+    # aggregation weights and schedules work (the committed scenarios' comments
+    # give the measurements), so one scenario file carries both; the run applies
+    # this block itself (for_privacy) and records the settings it ran with.
+    without_dp: dict[str, Any] | None = None
 
     @field_validator("sites", mode="before")
     @classmethod
@@ -314,6 +337,50 @@ class ScenarioConfig(_Strict):
                 f"the private layers would never train. Fix: a round from 1 to {self.rounds}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _without_dp_is_a_valid_override(self) -> ScenarioConfig:
+        if self.without_dp is not None:
+            self._merged_without_dp()  # raises ValueError naming the bad key
+        return self
+
+    def _merged_without_dp(self) -> ScenarioConfig:
+        """This scenario with ``without_dp`` merged over it and DP off."""
+        block = self.without_dp or {}
+        bad = sorted(set(block) - set(WITHOUT_DP_KEYS))
+        if bad:
+            raise ValueError(
+                f"without_dp sets {bad}: it may only set {list(WITHOUT_DP_KEYS)}. The sites, "
+                "name and seed are the federation's own and privacy is what the block depends "
+                f"on. Fix: move {bad} out of without_dp"
+            )
+        base = json.loads(self.model_dump_json(exclude={"without_dp", "sites"}))
+        merged = _overlay(base, block)
+        merged["privacy"]["enabled"] = False
+        merged["sites"] = self.sites
+        try:
+            return type(self).model_validate(merged)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"without_dp.{'.'.join(str(p) for p in e['loc'])}: {e['msg']} "
+                f"(got {e.get('input')!r})" if e["loc"] else e["msg"].removeprefix("Value error, ")
+                for e in exc.errors()
+            )
+            raise ValueError(
+                f"the scenario with its without_dp settings applied is invalid: {problems}. "
+                "Fix those keys in without_dp"
+            ) from None
+
+    def for_privacy(self, enabled: bool | None = None) -> ScenarioConfig:
+        """The scenario a run executes: ``privacy.enabled`` set to ``enabled``
+        (None: the scenario's own) and, when DP is off, the ``without_dp``
+        settings merged in. The result has no ``without_dp`` block left, so
+        writing it out records exactly what ran."""
+        on = self.privacy.enabled if enabled is None else enabled
+        run = self if on or self.without_dp is None else self._merged_without_dp()
+        return run.model_copy(update={
+            "privacy": run.privacy.model_copy(update={"enabled": on}), "without_dp": None,
+        })
 
     @model_validator(mode="after")
     def _personalize_needs_private_layers(self) -> ScenarioConfig:

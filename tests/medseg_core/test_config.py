@@ -119,3 +119,43 @@ def test_calibration_cases_are_a_count_of_two_or_more_for_site_thresholds() -> N
                                                              "calibration_cases": 64}})
     assert ok.evaluation.calibration_cases == 64
     assert parse_model(ScenarioConfig, site).evaluation.calibration_cases is None
+
+
+def test_without_dp_settings_apply_only_when_dp_is_off() -> None:
+    mixed = load_scenario(CONFIGS / "mixed_regime.yaml")
+    assert mixed.privacy.enabled and mixed.without_dp
+    dp, no_dp = mixed.for_privacy(), mixed.for_privacy(False)
+    assert {k.value: v for k, v in dp.strategy.regime_weights.items()} == {"bag": 0.1}
+    assert {k.value: v for k, v in no_dp.strategy.regime_weights.items()} == {
+        "bag": 0.1, "image": 0.25}
+    assert dp.privacy.enabled and not no_dp.privacy.enabled
+    assert dp.without_dp is None and no_dp.without_dp is None  # what ran, nothing pending
+    # everything the block does not name is the scenario's own
+    assert no_dp.train == mixed.train and no_dp.sites == mixed.sites
+    assert no_dp.strategy.server_momentum == mixed.strategy.server_momentum
+
+    shift = load_scenario(CONFIGS / "strong_shift.yaml")
+    assert shift.for_privacy().train.adaptation_from_round == 6
+    assert shift.for_privacy(False).train.adaptation_from_round == 1
+    # a scenario whose file has DP off runs its without_dp settings by itself
+    off = shift.model_copy(update={"privacy": shift.privacy.model_copy(update={"enabled": False})})
+    assert off.for_privacy().train.adaptation_from_round == 1
+    assert off.for_privacy(True).train.adaptation_from_round == 6
+
+
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [
+        ({"privacy": {"enabled": True}}, "without_dp sets ['privacy']"),
+        ({"sites": []}, "without_dp sets ['sites']"),
+        ({"strategy": {"regime_weight": {"image": 0.25}}},
+         "without_dp.strategy.regime_weight: Extra inputs"),
+        ({"rounds": 0}, "without_dp.rounds: Input should be greater than or equal to 1 (got 0)"),
+        ({"train": {"adaptation_from_round": 2}},
+         "train.adaptation_from_round is 2 but model.adaptation is 'none'"),
+    ],
+)
+def test_bad_without_dp_block_is_refused_at_load(block: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_model(ScenarioConfig, {"sites": [{"id": "a"}], "rounds": 3, "without_dp": block})
+    assert expected in str(exc.value) and "Fix" in str(exc.value)
