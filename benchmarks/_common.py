@@ -64,5 +64,6 @@ def bag_gate_keep(scenario: Any, sess: Any, model: Any, data: Any) -> Any:
 
     if not (scenario.evaluation.bag_gate and sess.is_bag_site):
         return None
-    head = sess.site_mil_head(model) if scenario.evaluation.mil_head == "site" else None
+    mode = scenario.evaluation.mil_head
+    head = sess.site_mil_head(model, mode) if mode != "federated" else None
     return bag_probabilities(model, data.images, data.case_index, head=head) >= 0.5

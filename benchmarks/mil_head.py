@@ -7,9 +7,12 @@ round by default), at every bag site, the ROC AUC on the test bags of:
 * ``mil_auc federated``: the MIL head as the federation trained it
   (``evaluation.mil_head: federated``);
 * ``mil_auc site``: a MIL head fitted for this model on the site's own
-  training bags (``evaluation.mil_head: site``: the site's own call,
+  training bags over the bottleneck instance embeddings
+  (``evaluation.mil_head: site``: the site's own call,
   ``SiteSession.site_mil_head``), and that head's AUC on the training bags
-  it was fitted on.
+  it was fitted on;
+* ``mil_auc site-decoder``: the same over the segmenter's lesion map per
+  instance (``evaluation.mil_head: site-decoder``), and its training AUC.
 
 Then the mean of each column over the runs given.
 
@@ -38,7 +41,7 @@ def main() -> None:
     ap.add_argument("runs", type=Path, nargs="+")
     ap.add_argument("--round", type=int, default=None)
     args = ap.parse_args()
-    rows: list[tuple[float, float, float]] = []
+    rows: list[tuple[float, ...]] = []
     for run in args.runs:
         found = False
         for scenario, sess, model, rnd in run_site_models(run, args.round):
@@ -51,28 +54,33 @@ def main() -> None:
             te, tr = sess.test_set, sess.train_set
             y = case_classes(te)
             known = y >= 0
+            ytr = sess.train_case_labels
             decoder = roc_auc(case_scores(model, te.images, te.case_index)[known], y[known])
             federated = roc_auc(bag_probabilities(model, te.images, te.case_index)[known], y[known])
-            head = sess.site_mil_head(model)
-            if head is None:
-                print(f"{run} {sess.site.id}: training bags of one class, no site head")
+            cells, row = [], [decoder, federated]
+            for mode in ("site", "site-decoder"):
+                head = sess.site_mil_head(model, mode)
+                if head is None:
+                    break
+                auc = roc_auc(bag_probabilities(model, te.images, te.case_index, head=head)[known],
+                              y[known])
+                fit = roc_auc(bag_probabilities(model, tr.images, tr.case_index, head=head)[ytr >= 0],
+                              ytr[ytr >= 0])
+                row.append(auc)
+                cells.append(f"mil_auc {mode} {auc:.3f} (on its training bags {fit:.3f})")
+            else:
+                rows.append(tuple(row))
+                print(f"{run} {sess.site.id} (round {rnd}, {int(known.sum())} test bags): bag_auc "
+                      f"{decoder:.3f} | mil_auc federated {federated:.3f} | " + " | ".join(cells),
+                      flush=True)
                 continue
-            site = roc_auc(bag_probabilities(model, te.images, te.case_index, head=head)[known],
-                           y[known])
-            ytr = sess.train_case_labels
-            fit = roc_auc(bag_probabilities(model, tr.images, tr.case_index, head=head)[ytr >= 0],
-                          ytr[ytr >= 0])
-            rows.append((decoder, federated, site))
-            print(f"{run} {sess.site.id} (round {rnd}, {int(known.sum())} test bags): bag_auc "
-                  f"{decoder:.3f} | mil_auc federated {federated:.3f} | mil_auc site {site:.3f} "
-                  f"(on its training bags {fit:.3f})", flush=True)
+            print(f"{run} {sess.site.id}: training bags of one class, no site head")
         if not found:
             raise SystemExit(f"{run}: no bag site (label_regime: bag). Fix: pass runs with one")
     if len(rows) > 1:
         m = np.asarray(rows).mean(axis=0)
         print(f"mean over {len(rows)} bag sites: bag_auc {m[0]:.3f} | mil_auc federated "
-              f"{m[1]:.3f} | mil_auc site {m[2]:.3f}")
-
+              f"{m[1]:.3f} | mil_auc site {m[2]:.3f} | mil_auc site-decoder {m[3]:.3f}")
 
 if __name__ == "__main__":
     main()

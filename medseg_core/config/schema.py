@@ -92,13 +92,15 @@ class EvalConfig(_Strict):
     # calls negative (p < 0.5) is segmented as all background; other sites ignore it
     bag_gate: bool = False
     # MIL sites: which MIL head makes the bag-level prediction (mil_auc, and the
-    # bag_gate): "federated" (the aggregated head) or "site" (a head fitted for
-    # the scored model on the site's own training bags, medseg_core/weak/mil.py
-    # refit_mil_head; it stays at the site, like a site threshold). The
+    # bag_gate): "federated" (the aggregated head) or a head fitted for the
+    # scored model on the site's own training bags (medseg_core/weak/mil.py
+    # refit_mil_head; it stays at the site, like a site threshold), over the
+    # encoder's bottleneck embeddings ("site") or over the segmenter's own
+    # lesion map per instance ("site-decoder", decoder_instance_features). The
     # federated head is trained against a round's local encoder and scored on
     # the next average; in the mixed-regime scenario its bag AUC stayed near
-    # chance (docs/results-log.md, "Stop 31")
-    mil_head: Literal["federated", "site"] = "federated"
+    # chance (docs/results-log.md, "Stop 31", "Stop 32")
+    mil_head: Literal["federated", "site", "site-decoder"] = "federated"
     # "pamr": every scored prediction's class probabilities are refined by the
     # image's own local affinities before the argmax (medseg_core/refine.py): a
     # post-processing step like min_component_voxels, applied to every arm
@@ -293,9 +295,10 @@ class ScenarioConfig(_Strict):
 
     @model_validator(mode="after")
     def _site_mil_head_needs_a_mil_head(self) -> ScenarioConfig:
-        if self.evaluation.mil_head == "site" and self.model.mil_pooling == "none":
+        mode = self.evaluation.mil_head
+        if mode != "federated" and self.model.mil_pooling == "none":
             raise ValueError(
-                "evaluation.mil_head is 'site' but model.mil_pooling is 'none': the model has no "
+                f"evaluation.mil_head is {mode!r} but model.mil_pooling is 'none': the model has no "
                 "MIL head to refit. Fix: model.mil_pooling: attention (or max), or "
                 "evaluation.mil_head: federated"
             )

@@ -276,14 +276,18 @@ class SiteSession(SitePrivacy):
             return None
         return found[0]
 
-    def site_mil_head(self, model: nn.Module) -> nn.Module | None:
+    def site_mil_head(self, model: nn.Module, mode: str = "site") -> nn.Module | None:
         """The MIL head refit for ``model`` on this site's training bags
-        (``evaluation.mil_head: site``,
+        (``evaluation.mil_head``: ``site`` over bottleneck, ``site-decoder``
+        over decoder instance embeddings;
         :func:`medseg_core.weak.mil.refit_mil_head`, seeded per site); None
         (the federated head) where they hold one class only."""
+        if mode not in MIL_HEAD_MODES[1:]:
+            raise ValueError(f"unknown site MIL head {mode!r}; valid: {list(MIL_HEAD_MODES[1:])}")
         tr = self.train_set
         head = refit_mil_head(model, tr.images, tr.case_index, self.train_case_labels,
-                              seed=self.round_seed(0))
+                              seed=self.round_seed(0),
+                              embedding="decoder" if mode == "site-decoder" else "bottleneck")
         if head is None:
             logger.warning("site %s: its training bags hold one class only; the bag-level "
                            "prediction is the federated MIL head's (evaluation.mil_head: site)",
@@ -313,9 +317,10 @@ class SiteSession(SitePrivacy):
         (:func:`medseg_core.calibration.calibrate_threshold`;
         ``evaluation.threshold``); the argmax where they hold one class only.
         ``calibration_cases``: ``evaluation.calibration_cases``.
-        ``mil_head="site"`` (a bag site): the bag-level prediction (its AUC
-        and the gate) is made by a MIL head fitted for this model on the
-        site's own training bags (:func:`medseg_core.weak.mil.refit_mil_head`;
+        ``mil_head="site"`` or ``"site-decoder"`` (a bag site): the bag-level
+        prediction (its AUC and the gate) is made by a MIL head fitted for this
+        model on the site's own training bags, over bottleneck or decoder
+        instance embeddings (:func:`medseg_core.weak.mil.refit_mil_head`;
         ``evaluation.mil_head``) instead of the federated one; the federated
         head where those bags hold one class only.
 
@@ -348,8 +353,8 @@ class SiteSession(SitePrivacy):
             tau = self.site_threshold(model, min_component_voxels=min_component_voxels,
                                       refine=refine, calibration_cases=calibration_cases)
         # the bag-level prediction is used by the gate, and scored on the test split
-        head = (self.site_mil_head(model)
-                if mil_head == "site" and bags and (bag_gate or split == "test") else None)
+        head = (self.site_mil_head(model, mil_head)
+                if mil_head != "federated" and bags and (bag_gate or split == "test") else None)
         return evaluate_split(model, data, num_classes=self.data_cfg.num_classes,
                               min_component_voxels=min_component_voxels,
                               with_auc=split == "test", bags=bags, bag_gate=bag_gate and bags,

@@ -31,9 +31,9 @@ train: {local_epochs: 1, batch_size: 4, lr: 0.01,
        # the decoder in round 1 and leave it to the mask site from round 2
 privacy: {enabled: true, epsilon: 8.0}
 strategy: {regime_weights: {image: 0.5}}   # the image site's update counts half in the average
-evaluation: {bag_gate: true, mil_head: site}
+evaluation: {bag_gate: true, mil_head: site-decoder}
   # the MIL site's volumes are segmented only where a MIL head says lesion: the one
-  # it refits for the scored model on its own training bags
+  # it refits for the scored model on its own training bags, over the lesion map
 """
 
 
@@ -103,12 +103,13 @@ def test_mixed_regime_federation_with_compare(tmp_path: Path) -> None:
 
 
     # the MIL-head benchmark scores the same checkpoint's bag-level predictions side
-    # by side; its site head is the one the run scored with (evaluation.mil_head: site)
+    # by side; its site-decoder head is the one the run scored with (evaluation.mil_head)
     proc = subprocess.run([sys.executable, str(bench.with_name("mil_head.py")), str(out)],
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = next(line for line in proc.stdout.splitlines() if " volumes (round " in line)
-    site = float(row.split("mil_auc site ")[1].split()[0])
+    assert "mil_auc site " in row
+    site = float(row.split("mil_auc site-decoder ")[1].split()[0])
     assert site == pytest.approx(per["volumes"]["mil_auc"], abs=5e-4)
     assert float(row.split("bag_auc ")[1].split()[0]) == pytest.approx(per["volumes"]["bag_auc"],
                                                                         abs=5e-4)
