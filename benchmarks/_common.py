@@ -60,7 +60,7 @@ def bag_gate_keep(scenario: Any, sess: Any, model: Any, data: Any) -> Any:
     """Which of ``data``'s cases the run's bag gate keeps, as the run scored
     them (``evaluation.bag_gate``, with the MIL head ``evaluation.mil_head``
     names); None where there is no gate (or not a bag site)."""
-    from medseg_core.weak.mil import bag_probabilities
+    from medseg_core.weak.bag_scores import bag_probabilities
 
     if not (scenario.evaluation.bag_gate and sess.is_bag_site):
         return None

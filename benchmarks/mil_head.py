@@ -33,7 +33,7 @@ from _common import run_site_models
 
 from medseg_core.metrics import case_scores, roc_auc
 from medseg_core.training.evaluation import case_classes
-from medseg_core.weak.mil import bag_probabilities
+from medseg_core.weak.bag_scores import bag_probabilities
 
 
 def main() -> None:
@@ -81,6 +81,7 @@ def main() -> None:
         m = np.asarray(rows).mean(axis=0)
         print(f"mean over {len(rows)} bag sites: bag_auc {m[0]:.3f} | mil_auc federated "
               f"{m[1]:.3f} | mil_auc site {m[2]:.3f} | mil_auc site-decoder {m[3]:.3f}")
+
 
 if __name__ == "__main__":
     main()

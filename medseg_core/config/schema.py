@@ -93,7 +93,7 @@ class EvalConfig(_Strict):
     bag_gate: bool = False
     # MIL sites: which MIL head makes the bag-level prediction (mil_auc, and the
     # bag_gate): "federated" (the aggregated head) or a head fitted for the
-    # scored model on the site's own training bags (medseg_core/weak/mil.py
+    # scored model on the site's own training bags (medseg_core/weak/bag_scores.py
     # refit_mil_head; it stays at the site, like a site threshold), over the
     # encoder's bottleneck embeddings ("site") or over the segmenter's own
     # lesion map per instance ("site-decoder", decoder_instance_features). The

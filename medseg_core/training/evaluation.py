@@ -13,7 +13,7 @@ from torch import nn
 from medseg_core.data.slices import SliceSet
 from medseg_core.metrics import case_scores, roc_auc
 from medseg_core.training.session import evaluate_state
-from medseg_core.weak.mil import bag_probabilities
+from medseg_core.weak.bag_scores import bag_probabilities
 
 __all__ = ["SiteEval", "case_has_lesion", "evaluate_split"]
 
@@ -78,7 +78,7 @@ def evaluate_split(
     case the MIL head calls negative (probability < 0.5) is segmented as
     all background. ``mil_head``: the MIL head that makes the bag-level
     prediction (both uses) instead of the model's own, e.g. the site's
-    (:func:`medseg_core.weak.mil.refit_mil_head`). ``refine``,
+    (:func:`medseg_core.weak.bag_scores.refit_mil_head`). ``refine``,
     ``threshold``: post-processing of the predictions
     (:func:`medseg_core.metrics.evaluate_segmentation`).
     """

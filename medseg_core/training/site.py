@@ -35,7 +35,7 @@ from medseg_core.data.integrity import require_valid_site
 from medseg_core.data.slices import SliceSet, load_slices
 from medseg_core.errors import ConfigError
 from medseg_core.weak import WeakSettings
-from medseg_core.weak.mil import MIL_HEAD_MODES, refit_mil_head
+from medseg_core.weak.bag_scores import MIL_HEAD_MODES, refit_mil_head
 from medseg_core.privacy.accountant import epsilon_of, save_accountant
 from medseg_core.training.evaluation import SiteEval, evaluate_split
 from medseg_core.training.personalize import PersonalizeOutcome, personal_store, personalize
@@ -280,7 +280,7 @@ class SiteSession(SitePrivacy):
         """The MIL head refit for ``model`` on this site's training bags
         (``evaluation.mil_head``: ``site`` over bottleneck, ``site-decoder``
         over decoder instance embeddings;
-        :func:`medseg_core.weak.mil.refit_mil_head`, seeded per site); None
+        :func:`medseg_core.weak.bag_scores.refit_mil_head`, seeded per site); None
         (the federated head) where they hold one class only."""
         if mode not in MIL_HEAD_MODES[1:]:
             raise ValueError(f"unknown site MIL head {mode!r}; valid: {list(MIL_HEAD_MODES[1:])}")
@@ -290,8 +290,8 @@ class SiteSession(SitePrivacy):
                               embedding="decoder" if mode == "site-decoder" else "bottleneck")
         if head is None:
             logger.warning("site %s: its training bags hold one class only; the bag-level "
-                           "prediction is the federated MIL head's (evaluation.mil_head: site)",
-                           self.site.id)
+                           "prediction is the federated MIL head's (evaluation.mil_head: %s)",
+                           self.site.id, mode)
         return head
 
     def evaluate(
@@ -320,7 +320,7 @@ class SiteSession(SitePrivacy):
         ``mil_head="site"`` or ``"site-decoder"`` (a bag site): the bag-level
         prediction (its AUC and the gate) is made by a MIL head fitted for this
         model on the site's own training bags, over bottleneck or decoder
-        instance embeddings (:func:`medseg_core.weak.mil.refit_mil_head`;
+        instance embeddings (:func:`medseg_core.weak.bag_scores.refit_mil_head`;
         ``evaluation.mil_head``) instead of the federated one; the federated
         head where those bags hold one class only.
 

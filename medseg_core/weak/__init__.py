@@ -7,7 +7,9 @@
 * :mod:`.settings` - :class:`WeakSettings` and the per-sample terms the
   losses share;
 * :mod:`.mil` - bags (patient = bag = one DP sample), per-bag gradients
-  under Opacus, and the MIL loss (attention or max pooling).
+  under Opacus, and the MIL loss (attention or max pooling);
+* :mod:`.bag_scores` - the bag-level prediction: the federated MIL head, or
+  one a site refits over bottleneck or lesion-map instance embeddings.
 """
 
 from medseg_core.weak.cam import WeakSegLoss

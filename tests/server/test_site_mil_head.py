@@ -19,7 +19,7 @@ from medseg_core.sites import materialise_site
 from medseg_core.training.session import build_segmenter
 from medseg_core.training import site as site_module
 from medseg_core.training.site import SiteSession
-from medseg_core.weak.mil import (
+from medseg_core.weak.bag_scores import (
     DECODER_FEATURES,
     bag_probabilities,
     decoder_instance_features,

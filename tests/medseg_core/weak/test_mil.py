@@ -220,7 +220,8 @@ def test_bag_site_reports_the_mil_heads_auc_and_gates_segmentation_by_it(tmp_pat
     and with ``bag_gate`` a bag it calls negative is segmented as empty."""
     from medseg_core.models.heads import cam_segmenter
     from medseg_core.training.evaluation import evaluate_split
-    from medseg_core.weak.mil import bag_probabilities, instance_embeddings
+    from medseg_core.weak.bag_scores import bag_probabilities
+    from medseg_core.weak.mil import instance_embeddings
 
     sess = _bag_site(tmp_path)
     torch.manual_seed(0)
