@@ -57,24 +57,22 @@ def main() -> None:
             ytr = sess.train_case_labels
             decoder = roc_auc(case_scores(model, te.images, te.case_index)[known], y[known])
             federated = roc_auc(bag_probabilities(model, te.images, te.case_index)[known], y[known])
+            heads = {mode: sess.site_mil_head(model, mode) for mode in ("site", "site-decoder")}
+            if any(h is None for h in heads.values()):
+                print(f"{run} {sess.site.id}: training bags of one class, no site head")
+                continue
             cells, row = [], [decoder, federated]
-            for mode in ("site", "site-decoder"):
-                head = sess.site_mil_head(model, mode)
-                if head is None:
-                    break
+            for mode, head in heads.items():
                 auc = roc_auc(bag_probabilities(model, te.images, te.case_index, head=head)[known],
                               y[known])
                 fit = roc_auc(bag_probabilities(model, tr.images, tr.case_index, head=head)[ytr >= 0],
                               ytr[ytr >= 0])
                 row.append(auc)
                 cells.append(f"mil_auc {mode} {auc:.3f} (on its training bags {fit:.3f})")
-            else:
-                rows.append(tuple(row))
-                print(f"{run} {sess.site.id} (round {rnd}, {int(known.sum())} test bags): bag_auc "
-                      f"{decoder:.3f} | mil_auc federated {federated:.3f} | " + " | ".join(cells),
-                      flush=True)
-                continue
-            print(f"{run} {sess.site.id}: training bags of one class, no site head")
+            rows.append(tuple(row))
+            print(f"{run} {sess.site.id} (round {rnd}, {int(known.sum())} test bags): bag_auc "
+                  f"{decoder:.3f} | mil_auc federated {federated:.3f} | " + " | ".join(cells),
+                  flush=True)
         if not found:
             raise SystemExit(f"{run}: no bag site (label_regime: bag). Fix: pass runs with one")
     if len(rows) > 1:

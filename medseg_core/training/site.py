@@ -35,7 +35,7 @@ from medseg_core.data.integrity import require_valid_site
 from medseg_core.data.slices import SliceSet, load_slices
 from medseg_core.errors import ConfigError
 from medseg_core.weak import WeakSettings
-from medseg_core.weak.bag_scores import MIL_HEAD_MODES, refit_mil_head
+from medseg_core.weak.bag_scores import MIL_HEAD_MODES, SITE_HEAD_EMBEDDINGS, refit_mil_head
 from medseg_core.privacy.accountant import epsilon_of, save_accountant
 from medseg_core.training.evaluation import SiteEval, evaluate_split
 from medseg_core.training.personalize import PersonalizeOutcome, personal_store, personalize
@@ -282,12 +282,11 @@ class SiteSession(SitePrivacy):
         over decoder instance embeddings;
         :func:`medseg_core.weak.bag_scores.refit_mil_head`, seeded per site); None
         (the federated head) where they hold one class only."""
-        if mode not in MIL_HEAD_MODES[1:]:
-            raise ValueError(f"unknown site MIL head {mode!r}; valid: {list(MIL_HEAD_MODES[1:])}")
+        if mode not in SITE_HEAD_EMBEDDINGS:
+            raise ValueError(f"unknown site MIL head {mode!r}; valid: {list(SITE_HEAD_EMBEDDINGS)}")
         tr = self.train_set
         head = refit_mil_head(model, tr.images, tr.case_index, self.train_case_labels,
-                              seed=self.round_seed(0),
-                              embedding="decoder" if mode == "site-decoder" else "bottleneck")
+                              seed=self.round_seed(0), embedding=SITE_HEAD_EMBEDDINGS[mode])
         if head is None:
             logger.warning("site %s: its training bags hold one class only; the bag-level "
                            "prediction is the federated MIL head's (evaluation.mil_head: %s)",

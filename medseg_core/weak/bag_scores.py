@@ -21,8 +21,9 @@ from torch import Tensor, nn
 from medseg_core.models.heads import cam_segmenter
 from medseg_core.weak.mil import instance_embeddings
 
-__all__ = ["DECODER_FEATURES", "MIL_EMBEDDINGS", "MIL_HEAD_MODES", "MIL_REFIT_STEPS", "SiteMilHead",
-           "bag_probabilities", "decoder_instance_features", "refit_mil_head"]
+__all__ = ["DECODER_FEATURES", "MIL_EMBEDDINGS", "MIL_HEAD_MODES", "MIL_REFIT_STEPS",
+           "SITE_HEAD_EMBEDDINGS", "SiteMilHead", "bag_probabilities", "decoder_instance_features",
+           "refit_mil_head"]
 
 
 DECODER_FEATURES: tuple[str, ...] = ("smooth_max_logit", "max_logit", "mean_p", "area_pct")
@@ -126,7 +127,11 @@ def bag_probabilities(model: nn.Module, images: Tensor, case_index: Tensor, *,
     return torch.sigmoid(logits)
 
 
-MIL_HEAD_MODES: tuple[str, ...] = ("federated", "site", "site-decoder")
+SITE_HEAD_EMBEDDINGS: dict[str, str] = {"site": "bottleneck", "site-decoder": "decoder"}
+"""The ``evaluation.mil_head`` modes in which a site refits its own MIL head,
+and the instance embeddings each refits it over."""
+
+MIL_HEAD_MODES: tuple[str, ...] = ("federated", *SITE_HEAD_EMBEDDINGS)
 """Which MIL head makes a bag site's bag-level prediction
 (``evaluation.mil_head``): the federated one, or the site's own refit over
 bottleneck (``site``) or decoder (``site-decoder``) instance embeddings."""
@@ -142,8 +147,8 @@ on those runs, gave a lower mean (docs/results-log.md, "Stop 31")."""
 def refit_mil_head(model: nn.Module, images: Tensor, case_index: Tensor, labels: Tensor, *,
                    steps: int = MIL_REFIT_STEPS, lr: float = 0.1, momentum: float = 0.9,
                    seed: int = 0, embedding: str = "bottleneck") -> SiteMilHead | None:
-    """A MIL head fitted for ``model``'s encoder on one site's own labelled
-    bags (``evaluation.mil_head: site``).
+    """A MIL head fitted for ``model`` on one site's own labelled bags
+    (``evaluation.mil_head``: ``site`` or ``site-decoder``).
 
     A fresh head of the model's kind (seeded ``seed``) is trained on the
     frozen instance embeddings (``embedding``: :data:`MIL_EMBEDDINGS`; the
