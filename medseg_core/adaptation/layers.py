@@ -18,7 +18,10 @@ sees exactly the global model:
 * a **residual block** ``x + conv1x1(act(conv3x3(x)))`` for what is left
   (intensity curve, noise, blur): the residual-adapter idea of Rebuffi et al.
   2017 ("Learning multiple visual domains with residual adapters", NeurIPS),
-  applied to the input domain.
+  applied to the input domain. ``depth`` stacks more 3x3 layers inside it
+  (receptive field ``2 * depth + 1``): a wider, deeper block is a small
+  learned denoiser, as residual denoisers are built (DnCNN, Zhang et al.
+  2017), for a site whose scanner adds more noise than the others'.
 
 Both are DP-compatible (plain convolutions, parameter-free pooling,
 interpolation and non-inplace activation), so they train inside the same
@@ -51,12 +54,17 @@ class InputAdapter(nn.Module):
         Side of the coarse grid the case-conditional field is predicted on
         (``model.adapter_field_grid``); ``0`` leaves the field out (the
         residual block alone, the adapter before stop 23).
+    depth
+        3x3 convolutions in the residual block (``model.adapter_depth``).
     """
 
-    def __init__(self, channels: int, hidden: int = 8, field_grid: int = 8) -> None:
+    def __init__(self, channels: int, hidden: int = 8, field_grid: int = 8,
+                 depth: int = 1) -> None:
         super().__init__()
         if field_grid < 0:
             raise ValueError(f"field_grid={field_grid} must be >= 0 (0: no intensity field)")
+        if hidden < 1 or depth < 1:
+            raise ValueError(f"hidden={hidden} and depth={depth} must both be >= 1")
         self.field_grid = field_grid
         self.conv1 = nn.Conv2d(channels, hidden, kernel_size=3, padding=1)
         self.act = nn.LeakyReLU(0.1, inplace=False)
@@ -69,6 +77,9 @@ class InputAdapter(nn.Module):
             self.field3 = nn.Conv2d(hidden, 2 * channels, kernel_size=1)
             nn.init.zeros_(self.field3.weight)
             nn.init.zeros_(self.field3.bias)
+        # created last: depth 1 draws the same initial weights as before it existed
+        self.deeper = nn.ModuleList(nn.Conv2d(hidden, hidden, kernel_size=3, padding=1)
+                                    for _ in range(depth - 1))
 
     def field(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-gain and offset maps ``(B, C, H, W)`` each, for the cases in ``x``."""
@@ -83,7 +94,10 @@ class InputAdapter(nn.Module):
         if self.field_grid:
             gain, offset = self.field(x)
             x = x * torch.exp(gain) + offset
-        return x + self.conv2(self.act(self.conv1(x)))
+        h = self.act(self.conv1(x))
+        for conv in self.deeper:
+            h = self.act(conv(h))
+        return x + self.conv2(h)
 
 
 class AdaptedSegmenter(nn.Module):
@@ -94,9 +108,9 @@ class AdaptedSegmenter(nn.Module):
     """
 
     def __init__(self, net: nn.Module, *, in_channels: int, hidden: int = 8,
-                 field_grid: int = 8) -> None:
+                 field_grid: int = 8, depth: int = 1) -> None:
         super().__init__()
-        self.adapter = InputAdapter(in_channels, hidden, field_grid)
+        self.adapter = InputAdapter(in_channels, hidden, field_grid, depth)
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102

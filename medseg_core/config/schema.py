@@ -37,6 +37,9 @@ class ModelConfig(_Strict):
     adaptation: AdaptationMode = AdaptationMode.NONE
     # coarse grid of the input adapter's case-conditional intensity field (0: none)
     adapter_field_grid: int = Field(default=8, ge=0, le=64)
+    # width and 3x3 depth of the input adapter's residual block
+    adapter_hidden: int = Field(default=8, ge=1, le=64)
+    adapter_depth: int = Field(default=1, ge=1, le=8)
     weak_head: Literal["none", "cam"] = "none"  # CAM head for image-level labels
     mil_pooling: Literal["none", "attention", "max"] = "none"  # MIL bag head (implies the CAM head)
 

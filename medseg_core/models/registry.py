@@ -202,8 +202,8 @@ def build_model(cfg: ModelConfig, *, in_channels: int, out_channels: int) -> nn.
         model = CamSegmenter(model, bottleneck=neck, channels=width, mil_pooling=cfg.mil_pooling)
     if cfg.adaptation in ("adapter", "norm+adapter"):
         # Site-private input adapter (medseg_core.adaptation): identity at init.
-        model = AdaptedSegmenter(model, in_channels=in_channels,
-                                 field_grid=cfg.adapter_field_grid)
+        model = AdaptedSegmenter(model, in_channels=in_channels, hidden=cfg.adapter_hidden,
+                                 field_grid=cfg.adapter_field_grid, depth=cfg.adapter_depth)
     validate_dp_compatible(model)
     logger.debug(
         "built %s: %d parameters", cfg.name, sum(p.numel() for p in model.parameters())

@@ -126,24 +126,42 @@ def build_segmenter(model_cfg: ModelConfig, data_cfg: DataConfig) -> nn.Module:
     )
 
 
+def _state_fix(keys: list[str], *, shapes: bool = False) -> str:
+    """The setting that fixes a state whose ``keys`` are missing or unexpected
+    in the model, or (``shapes``) differ from the model's in shape. The
+    adapter's field grid adds or drops keys; its width changes shapes."""
+    if not shapes and any(k.startswith("adapter.field") for k in keys):
+        return ("set model.adapter_field_grid to the value the state was saved with: 0 for a "
+                "state saved before the input adapter had its intensity field (stop 23), else "
+                "its grid")
+    if any(k.startswith("adapter.") for k in keys):
+        return ("set model.adapter_hidden and model.adapter_depth to the values the state was "
+                "saved with (8 and 1 before they were settings)")
+    return "build the model from the config the state was saved with (the run's scenario.json)"
+
+
 def load_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
     """Load numpy weights into ``model`` (strict: same keys and shapes).
 
     Raises
     ------
     ConfigError
-        The keys differ (the model was built from another config than the
-        state was saved with); the missing and unexpected keys are named.
+        The keys or shapes differ (the model was built from another config
+        than the state was saved with); the missing, unexpected and
+        mis-shaped keys are named, with the setting that fixes them.
     """
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        fix = ("set model.adapter_field_grid to the value the state was saved with: 0 for a state "
-               "saved before the input adapter had its intensity field (stop 23), else its grid"
-               if any(k.startswith("adapter.field") for k in missing + unexpected) else
-               "build the model from the config the state was saved with (the run's scenario.json)")
         raise ConfigError(f"the state does not fit the model: missing {len(missing)} key(s) "
-                          f"{missing[:6]}, unexpected {len(unexpected)} {unexpected[:6]}. Fix: {fix}")
+                          f"{missing[:6]}, unexpected {len(unexpected)} {unexpected[:6]}. "
+                          f"Fix: {_state_fix(missing + unexpected)}")
+    shapes = {k: (tuple(np.shape(v)), tuple(own[k].shape)) for k, v in state.items()
+              if tuple(np.shape(v)) != tuple(own[k].shape)}
+    if shapes:
+        named = [f"{k}: {a} in the state, {b} in the model" for k, (a, b) in sorted(shapes.items())]
+        raise ConfigError(f"the state does not fit the model: {len(shapes)} key(s) differ in "
+                          f"shape ({'; '.join(named[:4])}). Fix: {_state_fix(sorted(shapes), shapes=True)}")
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
 
 

@@ -57,12 +57,14 @@ def test_unknown_mode_names_the_choices() -> None:
         parse_model(ModelConfig, {"adaptation": "nrom"})
 
 
-@pytest.mark.parametrize("field_grid", [8, 0])
-def test_input_adapter_is_identity_at_init_and_dp_compatible(field_grid: int) -> None:
-    adapter = InputAdapter(3, field_grid=field_grid)
+@pytest.mark.parametrize(("field_grid", "hidden", "depth"), [(8, 8, 1), (0, 8, 1), (8, 16, 3)])
+def test_input_adapter_is_identity_at_init_and_dp_compatible(field_grid: int, hidden: int,
+                                                             depth: int) -> None:
+    adapter = InputAdapter(3, hidden=hidden, field_grid=field_grid, depth=depth)
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(adapter(x), x)
     assert any(n.startswith("field") for n, _ in adapter.named_parameters()) == bool(field_grid)
+    assert len(adapter.deeper) == depth - 1 and adapter.conv1.out_channels == hidden
     model = _model("norm+adapter")
     ModuleValidator.validate(model, strict=True)
     # Opacus computes a per-sample gradient for every adapter parameter, the
@@ -91,6 +93,65 @@ def test_adapter_field_grid_is_configurable_and_checked() -> None:
     with pytest.raises(ConfigError,
                        match=r"missing 6 key\(s\) \['adapter\.field1\.bias'.*adapter_field_grid"):
         load_state(_model("adapter"), old)
+
+
+def test_adapter_width_and_depth_are_configurable_and_checked() -> None:
+    base = {"channels": [8, 16], "strides": [2], "norm_groups": 4, "adaptation": "adapter"}
+    cfg = parse_model(ModelConfig, {**base, "adapter_hidden": 16, "adapter_depth": 3})
+    model = build_segmenter(cfg, DataConfig(image_size=32))
+    assert {k for k in model.state_dict() if k.startswith("adapter.deeper.")} == {
+        f"adapter.deeper.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")}
+    assert model.adapter.conv1.weight.shape[0] == 16
+    # the private keys are every adapter key, the deeper layers' included
+    assert local_keys(model, AdaptationMode.ADAPTER) == {
+        k for k in model.state_dict() if k.startswith("adapter.")}
+    for key, bad in (("adapter_depth", 0), ("adapter_hidden", 0), ("adapter_depth", 9)):
+        with pytest.raises(Exception, match=key):
+            parse_model(ModelConfig, {**base, key: bad})
+    with pytest.raises(ValueError, match="depth=0"):
+        InputAdapter(1, depth=0)
+    # a default adapter's state (hidden 8, depth 1) does not load into this one,
+    # and the other way round: the error names the keys and both settings
+    old = {k: v.numpy() for k, v in _model("adapter").state_dict().items()}
+    with pytest.raises(ConfigError, match=r"missing 4 key\(s\) \['adapter\.deeper\.0\.bias'"
+                                          r".*adapter_hidden and model\.adapter_depth"):
+        load_state(model, old)
+    wide = build_segmenter(parse_model(ModelConfig, {**base, "adapter_hidden": 16}),
+                           DataConfig(image_size=32))
+    with pytest.raises(ConfigError, match=r"differ in shape \(adapter\.conv1\.bias: \(8,\) in "
+                                          r"the state, \(16,\) in the model.*adapter_hidden"):
+        load_state(wide, old)
+
+
+def test_deeper_adapter_denoises_what_one_layer_cannot() -> None:
+    # A site whose scanner adds more noise than the others' (strong_shift's
+    # bias-noisy): one 3x3 layer is a 3x3 filter; three (receptive field 7x7)
+    # average over more pixels of a smooth image. Same data, optimiser, steps.
+    gen = torch.Generator().manual_seed(0)
+
+    def noisy(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        coarse = torch.randn(n, 1, 6, 6, generator=gen)
+        clean = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bicubic",
+                                                align_corners=True)
+        return clean + 0.5 * torch.randn(clean.shape, generator=gen), clean
+
+    train, target = noisy(256)
+    test, test_target = noisy(64)
+    errors = {}
+    with _torch_threads(1):
+        for hidden, depth in ((8, 1), (16, 3)):
+            torch.manual_seed(0)
+            adapter = InputAdapter(1, hidden=hidden, field_grid=0, depth=depth)
+            opt = torch.optim.Adam(adapter.parameters(), lr=1e-2)
+            for _ in range(150):
+                idx = torch.randint(0, len(train), (16,), generator=gen)
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(adapter(train[idx]), target[idx]).backward()
+                opt.step()
+            with torch.no_grad():
+                errors[depth] = float(torch.nn.functional.mse_loss(adapter(test), test_target))
+    before = float(torch.nn.functional.mse_loss(test, test_target))
+    assert errors[3] < 0.7 * errors[1] < 0.7 * before, (errors, before)
 
 
 def _shaded(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
