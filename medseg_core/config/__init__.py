@@ -13,8 +13,9 @@ Two kinds of file exist:
 
 The package is split by concern (``base``: strict base and enums; ``weak``:
 the weak-label options; ``site_specs``: the sites a scenario lists;
-``schema``: scenario and site; ``loading``: files and error messages);
-import from ``medseg_core.config``.
+``sections``: the scenario's sections, model to simulation; ``schema``:
+scenario and site, and the rules across sections; ``loading``: files and
+error messages); import from ``medseg_core.config``.
 """
 
 from __future__ import annotations
@@ -27,15 +28,14 @@ from medseg_core.config.loading import (
     load_yaml_model,
     parse_model,
 )
-from medseg_core.config.schema import (
+from medseg_core.config.schema import ScenarioConfig, SiteConfig
+from medseg_core.config.sections import (
     DataConfig,
     EvalConfig,
     ModelConfig,
     PersonalizeConfig,
     PrivacyConfig,
-    ScenarioConfig,
     SimulationConfig,
-    SiteConfig,
     StrategyConfig,
     TrainConfig,
 )
