@@ -145,6 +145,7 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 reserve_epochs=int(cfg.get(keys.PERSONALIZE_EPOCHS, 0)),
                 positives_gate_open=_gate(cfg),
                 adaptation_from_round=int(cfg.get(keys.ADAPTATION_FROM_ROUND, 1)),
+                private_epochs=int(cfg.get(keys.PRIVATE_EPOCHS, 0)),
             )
             global_state = record_to_state(msg.content.array_records[keys.ARRAYS])
             if req.server_round in site.drop_rounds:  # simulated outage (tests, scenarios)

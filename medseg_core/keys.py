@@ -34,6 +34,7 @@ EVAL_REFINE = "eval-refine"  # evaluation: post-processing of predictions ("none
 MIL_AUC = "mil-auc"  # bag sites: AUC of the MIL head's bag-level prediction
 BAG_BATCH_SIZE = "bag-batch-size"  # train: a MIL site's bags per DP step (0: batch-size / K)
 ADAPTATION_FROM_ROUND = "adaptation-from-round"  # train: first round the private layers train
+PRIVATE_EPOCHS = "private-epochs"  # train: epochs of the private layers alone before the local epochs
 PERSONALIZE_EPOCHS = "personalize-epochs"  # train: epochs whose DP budget to reserve; personalize: to run
 PERSONALIZED = "personalized"  # evaluate: with the site's personalised private layers
 POSITIVES_GATE = "positives-gate-open"  # train/personalize: the weak positives' closed-loop warm-up

@@ -83,6 +83,7 @@ def _train_config(scenario: ScenarioConfig, run_id: str) -> dict[str, Any]:
         keys.RUN_NAME: run_id,
         keys.PERSONALIZE_EPOCHS: t.personalize.epochs,
         keys.ADAPTATION_FROM_ROUND: t.adaptation_from_round,
+        keys.PRIVATE_EPOCHS: t.private_epochs,
         **site_settings(scenario),
     }
 

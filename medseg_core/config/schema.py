@@ -134,6 +134,21 @@ class ScenarioConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _private_epochs_need_private_layers_and_no_dp(self) -> ScenarioConfig:
+        n = self.train.private_epochs
+        if n and self.model.adaptation == AdaptationMode.NONE:
+            raise ValueError(
+                f"train.private_epochs is {n} but model.adaptation is 'none': there are no "
+                "private layers to train alone. Fix: set model.adaptation (e.g. adapter), or "
+                "train.private_epochs: 0")
+        if n and self.privacy.enabled:
+            raise ValueError(
+                f"train.private_epochs is {n} with privacy.enabled: the DP plan budgets "
+                "train.local_epochs per round, and the private-only epochs would spend more. "
+                "Fix: train.private_epochs: 0, or set it in the scenario's without_dp block")
+        return self
+
+    @model_validator(mode="after")
     def _adaptation_warm_up_needs_private_layers(self) -> ScenarioConfig:
         start = self.train.adaptation_from_round
         if start == 1:

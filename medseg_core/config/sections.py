@@ -177,6 +177,12 @@ class TrainConfig(_Strict):
     # shared model has learned nothing yet; on a late-learning seed that kept
     # every site at the empty prediction (docs/results-log.md, "Stop 28")
     adaptation_from_round: int = Field(default=1, ge=1)
+    # epochs, each round, in which a site trains its private adaptation layers
+    # alone (the shared weights frozen) before its local_epochs of all weights:
+    # FedRep's local update order (Collins et al. 2021), so the private layers
+    # fit the new global model before the shared weights move. Without DP only:
+    # the DP plan budgets local_epochs per round
+    private_epochs: int = Field(default=0, ge=0, le=20)
 
 
 class StrategyConfig(_Strict):

@@ -40,6 +40,9 @@ class RoundRequest:
     # train.adaptation_from_round: before this round the site's private
     # adaptation layers stay as they are and only the shared weights train
     adaptation_from_round: int = 1
+    # train.private_epochs: epochs of the private layers alone (shared weights
+    # frozen) before the local epochs, from adaptation_from_round on; no DP
+    private_epochs: int = 0
 
 
 def outcome_from_cache(shared: dict[str, np.ndarray], stats: dict) -> RoundOutcome:

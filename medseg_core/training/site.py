@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import cached_property
 
 import numpy as np
@@ -199,6 +199,8 @@ class SiteSession(SitePrivacy):
             shared_only = frozenset(n for n, _ in model.named_parameters()
                                     if n not in self.local_keys)
             only = shared_only if only is None else only & shared_only
+        elif self.local_keys and req.private_epochs:
+            self._fit_private_first(model, req, settings, weak, plan)
         if self.is_bag_site:
             result = fit_bags(model, self.train_bags, settings, privacy=plan, accountant=accountant,
                               secure_mode=self.site.secure_mode, weak=weak, only=only)
@@ -244,6 +246,28 @@ class SiteSession(SitePrivacy):
                                              "n_cases": val.n_cases},
         })
         return outcome
+
+    def _fit_private_first(self, model: nn.Module, req: RoundRequest, settings: FitSettings,
+                           weak: WeakSettings, plan: object | None) -> None:
+        """FedRep's local order (Collins et al. 2021): the private adaptation
+        layers alone for ``req.private_epochs`` epochs, the shared weights
+        frozen, so they fit the new global model before the shared weights
+        move. Trains ``model`` in place and leaves every weight trainable."""
+        if plan is not None:
+            raise ConfigError(
+                f"site {self.site.id}: train.private_epochs is {req.private_epochs} but this site "
+                "trains under DP, whose plan budgets train.local_epochs per round. Fix: "
+                "train.private_epochs: 0, or set it in the scenario's without_dp block")
+        private = frozenset(n for n, _ in model.named_parameters() if n in self.local_keys)
+        first = replace(settings, epochs=req.private_epochs, seed=settings.seed + 1)
+        if self.is_bag_site:
+            fit_bags(model, self.train_bags, first, privacy=None, accountant=None,
+                     secure_mode=self.site.secure_mode, weak=weak, only=private)
+        else:
+            fit(model, self.train_set, first, num_classes=self.data_cfg.num_classes,
+                privacy=None, accountant=None, secure_mode=self.site.secure_mode,
+                weak=weak if self.weak else None, only=private)
+        model.requires_grad_(True)  # fit's own set_trainable picks what the local epochs train
 
     def round_seed(self, server_round: int) -> int:
         """Per-site, per-round seed: sites must not share random streams
