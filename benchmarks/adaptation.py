@@ -26,15 +26,22 @@ def mode_config(base: dict, seed: int, mode: str, personalize: int | None) -> di
     """The scenario dict ``base`` as one arm: ``seed``, ``model.adaptation:
     mode``, and ``train.personalize.epochs`` (``personalize``, or the
     scenario's own; 0 for ``none``, which has nothing private to personalise).
-    The ``none`` arm also drops ``train.adaptation_from_round``: plain FedAvg
-    has no private layers to start, and the scenario refuses the option
-    there."""
+    The ``none`` arm also drops ``train.adaptation_from_round`` and
+    ``train.private_epochs``, in the scenario and in its ``without_dp``
+    block: plain FedAvg has no private layers to start or to train alone,
+    and the scenario refuses both options there."""
+    private_only = ("adaptation_from_round", "private_epochs")
     train = dict(base.get("train", {}))
     pers = train.get("personalize", {}).get("epochs", 0) if personalize is None else personalize
     train["personalize"] = {**train.get("personalize", {}), "epochs": 0 if mode == "none" else pers}
+    arm = {**base, "seed": seed, "model": {**base["model"], "adaptation": mode}, "train": train}
     if mode == "none":
-        train.pop("adaptation_from_round", None)
-    return {**base, "seed": seed, "model": {**base["model"], "adaptation": mode}, "train": train}
+        for key in private_only:
+            train.pop(key, None)
+        if "train" in base.get("without_dp", {}):
+            no_dp = {k: v for k, v in base["without_dp"]["train"].items() if k not in private_only}
+            arm["without_dp"] = {**base["without_dp"], "train": no_dp}
+    return arm
 
 
 def main() -> None:

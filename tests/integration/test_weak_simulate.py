@@ -101,6 +101,16 @@ def test_mixed_regime_federation_with_compare(tmp_path: Path) -> None:
         assert len(taus) == 2 and all(0.0 < t < 1.0 for t in taus)
         assert "test Dice - all's" in sub
 
+    # the shift benchmark re-renders a shifted site's test phantoms without each
+    # part of its shift; "as shifted" is the run's own test Dice
+    proc = subprocess.run([sys.executable, str(bench.with_name("shift_parts.py")), str(out)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()}
+    assert "nothing to take apart" in rows["masks"]
+    shown = dict(part.rsplit(" ", 1) for part in rows["reports"].split(": ", 1)[1].split(" | "))
+    assert set(shown) == {"as shifted", "without gamma"}
+    assert float(shown["as shifted"]) == pytest.approx(per["reports"]["dice"], abs=5e-4)
 
     # the MIL-head benchmark scores the same checkpoint's bag-level predictions side
     # by side; its site-decoder head is the one the run scored with (evaluation.mil_head)

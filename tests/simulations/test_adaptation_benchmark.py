@@ -1,6 +1,8 @@
 """``benchmarks/adaptation.py``: every arm it writes for the committed
-strong-shift scenario is a valid scenario (the ``none`` arm of a scenario
-with ``train.adaptation_from_round`` used to be refused)."""
+strong-shift scenario is a valid scenario, with DP and with its
+``without_dp`` block merged (the ``none`` arm of a scenario with
+``train.adaptation_from_round``, or ``train.private_epochs``, used to be
+refused)."""
 
 from __future__ import annotations
 
@@ -27,14 +29,19 @@ def _bench(monkeypatch: pytest.MonkeyPatch):
 def test_every_arm_of_the_strong_shift_scenario_parses(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     base = yaml.safe_load((ROOT / "simulations" / "configs" / "strong_shift.yaml").read_text())
     assert base["train"]["adaptation_from_round"] > 1  # the case this test guards
+    # and a without_dp block with private-only epochs, which plain FedAvg refuses
+    base.setdefault("without_dp", {}).setdefault("train", {}).setdefault("private_epochs", 2)
     arm = parse_model(ScenarioConfig, _bench(monkeypatch).mode_config(base, 3, mode, None), source=mode)
     assert arm.seed == 3
     assert arm.model.adaptation.value == mode
+    no_dp = arm.for_privacy(False)  # the without_dp block merged, as --dp off runs it
     if mode == "none":
         assert arm.train.adaptation_from_round == 1
         assert arm.train.personalize.epochs == 0
+        assert no_dp.train.private_epochs == 0 and no_dp.train.adaptation_from_round == 1
     else:
         assert arm.train.adaptation_from_round == base["train"]["adaptation_from_round"]
+        assert no_dp.train.private_epochs == base["without_dp"]["train"]["private_epochs"]
 
 
 def test_personalize_epochs_apply_to_the_arms_with_private_layers(monkeypatch: pytest.MonkeyPatch) -> None:
