@@ -23,6 +23,24 @@ def site_yamls(scenario: ScenarioConfig, root: Path) -> dict[int, Path]:
     return paths
 
 
+def shift_pair(*, seed: int, rounds: int, adaptation: str, train: dict, dp: bool) -> dict:
+    """A raw scenario of two small 2D sites, the second gamma-shifted: the
+    federation the adaptation-layer tests run (``train`` is merged into the
+    training section)."""
+    return {
+        "rounds": rounds, "seed": seed,
+        "sites": [{"id": "ref", "n_train": 12, "n_test": 3, "lesion_prevalence": 1.0},
+                  {"id": "dark", "n_train": 12, "n_test": 3, "lesion_prevalence": 1.0,
+                   "shift": {"gamma": 2.0}}],
+        "model": {"channels": [8, 16], "strides": [2], "norm_groups": 4,
+                  "adaptation": adaptation},
+        "data": {"image_size": 32, "val_fraction": 0.25},
+        "train": {"batch_size": 4, **train},
+        "strategy": {"name": "fedavg"},
+        "privacy": {"enabled": dp, "epsilon": 50.0},
+    }
+
+
 class LocalGrid:
     """A Grid that hands each message to a real ClientApp in this process
     (node id -> that site's ``site.yaml``); ``pushed`` keeps every message sent."""

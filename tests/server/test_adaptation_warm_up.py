@@ -19,22 +19,12 @@ from medseg_core.errors import ConfigError
 from medseg_core.training.site import SiteSession
 from server.federation import run_federation
 
-from local_grid import LocalGrid, site_yamls
+from local_grid import LocalGrid, shift_pair, site_yamls
 
 
 def _raw(*, rounds: int = 3, start: int = 3, adaptation: str = "adapter") -> dict:
-    return {
-        "rounds": rounds, "seed": 2,
-        "sites": [{"id": "ref", "n_train": 12, "n_test": 3, "lesion_prevalence": 1.0},
-                  {"id": "dark", "n_train": 12, "n_test": 3, "lesion_prevalence": 1.0,
-                   "shift": {"gamma": 2.0}}],
-        "model": {"channels": [8, 16], "strides": [2], "norm_groups": 4,
-                  "adaptation": adaptation},
-        "data": {"image_size": 32, "val_fraction": 0.25},
-        "train": {"batch_size": 4, "lr": 0.01, "adaptation_from_round": start},
-        "strategy": {"name": "fedavg"},
-        "privacy": {"enabled": True, "epsilon": 50.0},
-    }
+    return shift_pair(seed=2, rounds=rounds, adaptation=adaptation, dp=True,
+                      train={"lr": 0.01, "adaptation_from_round": start})
 
 
 def test_private_layers_wait_until_their_round_then_train(tmp_path: Path) -> None:

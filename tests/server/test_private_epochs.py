@@ -20,22 +20,12 @@ from medseg_core.training.session import FitSettings, build_segmenter
 from medseg_core.training.site import SiteSession
 from server.federation import run_federation
 
-from local_grid import LocalGrid, site_yamls
+from local_grid import LocalGrid, shift_pair, site_yamls
 
 
 def _raw(*, epochs: int = 1, dp: bool = False, adaptation: str = "adapter") -> dict:
-    return {
-        "rounds": 2, "seed": 3,
-        "sites": [{"id": "ref", "n_train": 12, "n_test": 3, "lesion_prevalence": 1.0},
-                  {"id": "dark", "n_train": 12, "n_test": 3, "lesion_prevalence": 1.0,
-                   "shift": {"gamma": 2.0}}],
-        "model": {"channels": [8, 16], "strides": [2], "norm_groups": 4,
-                  "adaptation": adaptation},
-        "data": {"image_size": 32, "val_fraction": 0.25},
-        "train": {"batch_size": 4, "lr": 0.05, "private_epochs": epochs},
-        "strategy": {"name": "fedavg"},
-        "privacy": {"enabled": dp, "epsilon": 50.0},
-    }
+    return shift_pair(seed=3, rounds=2, adaptation=adaptation, dp=dp,
+                      train={"lr": 0.05, "private_epochs": epochs})
 
 
 def _session(scenario: ScenarioConfig, root: Path, site: str) -> SiteSession:

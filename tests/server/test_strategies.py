@@ -56,7 +56,6 @@ def _train_reply(value: float, n: int, regime: str):  # noqa: ANN202
 
 @pytest.mark.parametrize("name", [StrategyName.FEDAVG, StrategyName.FEDAVGM])
 def test_regime_weights_set_what_aggregation_weighs_by(name: StrategyName) -> None:
-    from medseg_core import keys
     from server.federation import set_aggregation_weight
 
     cfg = StrategyConfig(name=name, regime_weights={"image": 0.25})

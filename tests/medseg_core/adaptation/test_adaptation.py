@@ -123,6 +123,21 @@ def test_adapter_width_and_depth_are_configurable_and_checked() -> None:
         load_state(wide, old)
 
 
+def _fitted_error(adapter: InputAdapter, train: tuple[torch.Tensor, torch.Tensor],
+                  test: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator,
+                  steps: int) -> float:
+    """Test MSE of ``adapter`` after ``steps`` Adam steps (batches of 16 drawn
+    from ``gen``) mapping ``train[0]`` to ``train[1]``."""
+    opt = torch.optim.Adam(adapter.parameters(), lr=1e-2)
+    for _ in range(steps):
+        idx = torch.randint(0, len(train[0]), (16,), generator=gen)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(adapter(train[0][idx]), train[1][idx]).backward()
+        opt.step()
+    with torch.no_grad():
+        return float(torch.nn.functional.mse_loss(adapter(test[0]), test[1]))
+
+
 def test_deeper_adapter_denoises_what_one_layer_cannot() -> None:
     # A site whose scanner adds more noise than the others' (strong_shift's
     # bias-noisy): one 3x3 layer is a 3x3 filter; three (receptive field 7x7)
@@ -142,14 +157,7 @@ def test_deeper_adapter_denoises_what_one_layer_cannot() -> None:
         for hidden, depth in ((8, 1), (16, 3)):
             torch.manual_seed(0)
             adapter = InputAdapter(1, hidden=hidden, field_grid=0, depth=depth)
-            opt = torch.optim.Adam(adapter.parameters(), lr=1e-2)
-            for _ in range(150):
-                idx = torch.randint(0, len(train), (16,), generator=gen)
-                opt.zero_grad()
-                torch.nn.functional.mse_loss(adapter(train[idx]), target[idx]).backward()
-                opt.step()
-            with torch.no_grad():
-                errors[depth] = float(torch.nn.functional.mse_loss(adapter(test), test_target))
+            errors[depth] = _fitted_error(adapter, (train, target), (test, test_target), gen, 150)
     before = float(torch.nn.functional.mse_loss(test, test_target))
     assert errors[3] < 0.7 * errors[1] < 0.7 * before, (errors, before)
 
@@ -180,14 +188,7 @@ def test_intensity_field_undoes_a_per_case_shading_the_residual_block_cannot() -
         for grid in (8, 0):
             torch.manual_seed(0)
             adapter = InputAdapter(1, hidden=8, field_grid=grid)
-            opt = torch.optim.Adam(adapter.parameters(), lr=1e-2)
-            for _ in range(100):
-                idx = torch.randint(0, len(train), (16,), generator=gen)
-                opt.zero_grad()
-                torch.nn.functional.mse_loss(adapter(train[idx]), target[idx]).backward()
-                opt.step()
-            with torch.no_grad():
-                errors[grid] = float(torch.nn.functional.mse_loss(adapter(test), test_target))
+            errors[grid] = _fitted_error(adapter, (train, target), (test, test_target), gen, 100)
     before = float(torch.nn.functional.mse_loss(test, test_target))
     assert errors[8] < 0.5 * errors[0], (errors, before)
     assert errors[8] < 0.5 * before, (errors, before)
