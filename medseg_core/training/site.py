@@ -37,11 +37,13 @@ from medseg_core.errors import ConfigError
 from medseg_core.weak import WeakSettings
 from medseg_core.weak.bag_scores import MIL_HEAD_MODES, SITE_HEAD_EMBEDDINGS, refit_mil_head
 from medseg_core.privacy.accountant import epsilon_of, save_accountant
+from medseg_core.privacy.budget import RoundPrivacyPlan
 from medseg_core.training.evaluation import SiteEval, evaluate_split
 from medseg_core.training.personalize import PersonalizeOutcome, personal_store, personalize
 from medseg_core.training.replay import ReplyCache, state_digest
 from medseg_core.training.bags import fit_bags
 from medseg_core.training.session import (
+    FitResult,
     FitSettings,
     build_segmenter,
     evaluate_state,
@@ -201,15 +203,7 @@ class SiteSession(SitePrivacy):
             only = shared_only if only is None else only & shared_only
         elif self.local_keys and req.private_epochs:
             self._fit_private_first(model, req, settings, weak, plan)
-        if self.is_bag_site:
-            result = fit_bags(model, self.train_bags, settings, privacy=plan, accountant=accountant,
-                              secure_mode=self.site.secure_mode, weak=weak, only=only)
-        else:
-            result = fit(
-                model, self.train_set, settings, num_classes=self.data_cfg.num_classes,
-                privacy=plan, accountant=accountant, secure_mode=self.site.secure_mode,
-                weak=weak if self.weak else None, only=only,
-            )
+        result = self._fit(model, settings, plan=plan, accountant=accountant, weak=weak, only=only)
         shared = self.export_shared(result.state)
         if self.local_keys:
             AdaptationStore(self.site.state_dir, req.run_name).save(
@@ -248,7 +242,7 @@ class SiteSession(SitePrivacy):
         return outcome
 
     def _fit_private_first(self, model: nn.Module, req: RoundRequest, settings: FitSettings,
-                           weak: WeakSettings, plan: object | None) -> None:
+                           weak: WeakSettings, plan: RoundPrivacyPlan | None) -> None:
         """FedRep's local order (Collins et al. 2021): the private adaptation
         layers alone for ``req.private_epochs`` epochs, the shared weights
         frozen, so they fit the new global model before the shared weights
@@ -260,14 +254,20 @@ class SiteSession(SitePrivacy):
                 "train.private_epochs: 0, or set it in the scenario's without_dp block")
         private = frozenset(n for n, _ in model.named_parameters() if n in self.local_keys)
         first = replace(settings, epochs=req.private_epochs, seed=settings.seed + 1)
-        if self.is_bag_site:
-            fit_bags(model, self.train_bags, first, privacy=None, accountant=None,
-                     secure_mode=self.site.secure_mode, weak=weak, only=private)
-        else:
-            fit(model, self.train_set, first, num_classes=self.data_cfg.num_classes,
-                privacy=None, accountant=None, secure_mode=self.site.secure_mode,
-                weak=weak if self.weak else None, only=private)
+        self._fit(model, first, plan=None, accountant=None, weak=weak, only=private)
         model.requires_grad_(True)  # fit's own set_trainable picks what the local epochs train
+
+    def _fit(self, model: nn.Module, settings: FitSettings, *, plan: RoundPrivacyPlan | None,
+             accountant: object | None, weak: WeakSettings,
+             only: frozenset[str] | None) -> FitResult:
+        """One local training session on this site's data: bags at a MIL
+        site (:func:`fit_bags`), slices elsewhere (:func:`fit`)."""
+        if self.is_bag_site:
+            return fit_bags(model, self.train_bags, settings, privacy=plan, accountant=accountant,
+                            secure_mode=self.site.secure_mode, weak=weak, only=only)
+        return fit(model, self.train_set, settings, num_classes=self.data_cfg.num_classes,
+                   privacy=plan, accountant=accountant, secure_mode=self.site.secure_mode,
+                   weak=weak if self.weak else None, only=only)
 
     def round_seed(self, server_round: int) -> int:
         """Per-site, per-round seed: sites must not share random streams
