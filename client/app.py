@@ -261,6 +261,8 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 record_to_state(msg.content.array_records[keys.ARRAYS]),
                 str(cfg[keys.RUN_NAME]), int(cfg[keys.MODEL_ROUND]),
                 epochs=int(cfg[keys.PERSONALIZE_EPOCHS]), lr=float(cfg[keys.LEARNING_RATE]),
+                optimizer=str(cfg.get(keys.PERSONALIZE_OPTIMIZER, "adam")),
+                momentum=float(cfg.get(keys.PERSONALIZE_MOMENTUM, 0.0)),
                 batch_size=int(cfg["batch-size"]),
                 min_component_voxels=int(cfg.get(keys.MIN_COMPONENT_VOXELS, 0)),
                 refine=str(cfg.get(keys.EVAL_REFINE, "none")),

@@ -36,6 +36,8 @@ BAG_BATCH_SIZE = "bag-batch-size"  # train: a MIL site's bags per DP step (0: ba
 ADAPTATION_FROM_ROUND = "adaptation-from-round"  # train: first round the private layers train
 PRIVATE_EPOCHS = "private-epochs"  # train: epochs of the private layers alone before the local epochs
 PERSONALIZE_EPOCHS = "personalize-epochs"  # train: epochs whose DP budget to reserve; personalize: to run
+PERSONALIZE_OPTIMIZER = "personalize-optimizer"  # personalize: adam or sgd
+PERSONALIZE_MOMENTUM = "personalize-momentum"  # personalize: SGD momentum
 PERSONALIZED = "personalized"  # evaluate: with the site's personalised private layers
 POSITIVES_GATE = "positives-gate-open"  # train/personalize: the weak positives' closed-loop warm-up
 

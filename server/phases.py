@@ -177,6 +177,8 @@ def personalize_sites(
         keys.RUN_NAME: run_id,
         keys.PERSONALIZE_EPOCHS: p.epochs,
         keys.LEARNING_RATE: p.lr,
+        keys.PERSONALIZE_OPTIMIZER: p.optimizer,
+        keys.PERSONALIZE_MOMENTUM: p.momentum,
         "batch-size": scenario.train.batch_size,
         **site_settings(scenario),
     })

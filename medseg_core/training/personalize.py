@@ -71,13 +71,15 @@ def personal_store(state_dir: str | Path, run_name: str) -> AdaptationStore:
 
 def personalize(
     sess: SiteSession, global_state: Mapping[str, np.ndarray], run_name: str, model_round: int, *,
-    epochs: int, lr: float, batch_size: int, min_component_voxels: int = 0, refine: str = "none",
+    epochs: int, lr: float, batch_size: int, optimizer: str = "adam", momentum: float = 0.0,
+    min_component_voxels: int = 0, refine: str = "none",
     positives_gate_open: bool | None = None, threshold: str = "argmax",
-    calibration_cases: int | None = None,
+    calibration_cases: int | None = None, layers: str = "private",
 ) -> PersonalizeOutcome:
     """Fine-tune only ``sess``'s private layers against the global model of
-    ``model_round`` for ``epochs`` epochs (Adam at ``lr``, the round's loss)
-    and store the epoch with the best local validation Dice.
+    ``model_round`` for ``epochs`` epochs (``optimizer`` at ``lr``, SGD with
+    ``momentum``; the round's loss) and store the epoch with the best local
+    validation Dice.
     ``positives_gate_open``: the weak positives' closed-loop warm-up after
     that round (``train.weak.positives_gate``; None: no gate).
     ``threshold``: how validation Dice is scored (``evaluation.threshold``),
@@ -85,6 +87,12 @@ def personalize(
     evaluated at: ``"site"`` recalibrates the foreground threshold on the
     site's training labels for every candidate epoch, as evaluation does
     (on at most ``calibration_cases`` of them, ``evaluation.calibration_cases``).
+    ``layers="all"`` fine-tunes every weight instead and stores the whole
+    state: local fine-tuning of a plain FedAvg model (FedAvg-FT, Wang et al.
+    2019, "Federated evaluation of on-device personalization"), the baseline
+    ``benchmarks/personalize_run.py --all-weights`` measures the private
+    layers against. Evaluate that state as a global one; it is no scenario
+    setting, since a site's deployed model must stay the federation's.
 
     Raises
     ------
@@ -96,7 +104,9 @@ def personalize(
         the cap; nothing is trained.
     """
     site = sess.site
-    if not sess.local_keys:
+    if layers not in ("private", "all"):
+        raise ValueError(f"layers={layers!r}: expected 'private' or 'all'")
+    if layers == "private" and not sess.local_keys:
         raise ConfigError(
             f"site {site.id!r}: personalisation trains the site-private layers, and "
             "model.adaptation is 'none'. Fix: set model.adaptation, or train.personalize.epochs: 0"
@@ -130,7 +140,8 @@ def personalize(
                               threshold=tau).dice
 
     before = val_dice(state)
-    best, best_epoch, best_private = before, 0, split_state(state, sess.local_keys)[1]
+    trained = sess.local_keys if layers == "private" else frozenset(state)
+    best, best_epoch, best_private = before, 0, split_state(state, trained)[1]
     accountant = sess.load_accountant() if site.dp_enabled else None
     plan = None if accountant is None else personalization_plan(
         sess, run_name, batch_size, epochs, accountant)
@@ -139,12 +150,13 @@ def personalize(
     for epoch in range(1, epochs + 1):
         model = build_segmenter(sess.model_cfg, sess.data_cfg)  # fresh: no Opacus hooks
         load_state(model, state)
-        settings = FitSettings(epochs=1, lr=lr, batch_size=batch_size, optimizer="adam",
+        settings = FitSettings(epochs=1, lr=lr, batch_size=batch_size, optimizer=optimizer,
+                               momentum=momentum,
                                seed=sess.round_seed(model_round) + 7919 * epoch,
                                intensity=sess.data_cfg.intensity_augment)
         res = fit(model, sess.train_set, settings, num_classes=sess.data_cfg.num_classes,
                   privacy=plan, accountant=accountant, secure_mode=site.secure_mode,
-                  weak=weak, only=sess.local_keys)
+                  weak=weak, only=trained)
         steps += res.steps
         if accountant is not None:
             save_accountant(accountant, sess.accountant_path)
@@ -154,7 +166,7 @@ def personalize(
                     site.id, epoch, epochs, dice, before)
         if dice > best:
             best, best_epoch = dice, epoch
-            best_private = split_state(state, sess.local_keys)[1]
+            best_private = split_state(state, trained)[1]
     epsilon = None
     if accountant is not None and plan is not None:
         epsilon = epsilon_of(accountant, site.delta)

@@ -143,16 +143,20 @@ class SiteSession(SitePrivacy):
 
     def personalize(
         self, global_state: Mapping[str, np.ndarray], run_name: str, model_round: int, *,
-        epochs: int, lr: float, batch_size: int, min_component_voxels: int = 0,
-        refine: str = "none", positives_gate_open: bool | None = None, threshold: str = "argmax",
-        calibration_cases: int | None = None,
+        epochs: int, lr: float, batch_size: int, optimizer: str = "adam", momentum: float = 0.0,
+        min_component_voxels: int = 0, refine: str = "none",
+        positives_gate_open: bool | None = None, threshold: str = "argmax",
+        calibration_cases: int | None = None, layers: str = "private",
     ) -> PersonalizeOutcome:
-        """Fine-tune only this site's private layers against the global model
-        of ``model_round`` (:func:`medseg_core.training.personalize.personalize`)."""
+        """Fine-tune only this site's private layers (``layers="all"``: every
+        weight) against the global model of ``model_round``
+        (:func:`medseg_core.training.personalize.personalize`)."""
         return personalize(self, global_state, run_name, model_round, epochs=epochs, lr=lr,
-                           batch_size=batch_size, min_component_voxels=min_component_voxels,
-                           refine=refine, positives_gate_open=positives_gate_open,
-                           threshold=threshold, calibration_cases=calibration_cases)
+                           batch_size=batch_size, optimizer=optimizer, momentum=momentum,
+                           min_component_voxels=min_component_voxels, refine=refine,
+                           positives_gate_open=positives_gate_open,
+                           threshold=threshold, calibration_cases=calibration_cases,
+                           layers=layers)
 
     def export_shared(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The part of ``state`` that may be sent; raises AdaptationLeakError

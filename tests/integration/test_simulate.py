@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +169,12 @@ def test_accountant_survives_client_restart(run: dict) -> None:
             server_round=3, total_rounds=3, local_epochs=1, lr=0.005, batch_size=4,
             run_name=run["summary"]["federated"]["run_id"], reserve_epochs=2))
     assert sess.accountant_path.read_bytes() == before
+
+
+def test_personalisation_benchmark_refuses_a_dp_run(run: dict) -> None:
+    """Under DP the rounds reserve the personalisation's budget, so it cannot be added later."""
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "personalize_run.py"
+    proc = subprocess.run([sys.executable, str(bench), str(run["out"])], capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode != 0
+    assert "trained under DP" in proc.stderr and "--dp off" in proc.stderr

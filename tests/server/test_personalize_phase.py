@@ -12,6 +12,7 @@ from client import site_runtime
 from client.records import state_to_record
 from medseg_core.config import ScenarioConfig, parse_model
 from medseg_core.store import RunStore
+from medseg_core.training import personalize as personalize_module
 from medseg_core.training.site import SiteSession
 from server.federation import initial_state
 from server.phases import FederationOutcome, evaluate_sites, personalize_sites
@@ -27,12 +28,18 @@ def test_a_site_that_cannot_personalise_says_why_and_keeps_its_federated_score(
     real_threshold = SiteSession.site_threshold
     monkeypatch.setattr(SiteSession, "site_threshold", lambda self, model, **kw: (
         calibrated.append(self.site.id), real_threshold(self, model, **kw))[1])
+    optimisers: list[tuple[str, float, float]] = []  # train.personalize's optimiser reaches the fit
+    real_fit = personalize_module.fit
+    monkeypatch.setattr(personalize_module, "fit", lambda model, data, settings, **kw: (
+        optimisers.append((settings.optimizer, settings.lr, settings.momentum)),
+        real_fit(model, data, settings, **kw))[1])
     scenario = parse_model(ScenarioConfig, {
         "rounds": 1,
         "sites": [{"id": "ok", "n_train": 12, "n_test": 3}, {"id": "no-val", "n_train": 12, "n_test": 3}],
         "model": {"channels": [8, 16], "strides": [2], "norm_groups": 4, "adaptation": "norm"},
         "data": {"image_size": 32, "val_fraction": 0.25},
-        "train": {"batch_size": 4, "personalize": {"epochs": 1, "lr": 0.01}},
+        "train": {"batch_size": 4,
+                  "personalize": {"epochs": 1, "lr": 0.01, "optimizer": "sgd", "momentum": 0.9}},
         "privacy": {"enabled": False},
         "evaluation": {"threshold": "site"},
     })
@@ -55,6 +62,7 @@ def test_a_site_that_cannot_personalise_says_why_and_keeps_its_federated_score(
         assert set(reports["ok"]) == {"val_dice_before", "val_dice_after", "epochs_kept"}
         assert "no validation cases with masks" in reports["no-val"]["error"]
         assert calibrated == ["ok", "ok"]  # the federated layers and the one epoch
+        assert optimisers == [("sgd", 0.01, 0.9)]
         [rej] = store.rejections("run-p")
         assert (rej["site_id"], rej["kind"], rej["round"]) == ("no-val", "personalize-error", 2)
         evaluate_sites(*args, personalized=True)

@@ -89,6 +89,31 @@ def test_no_better_epoch_keeps_the_federated_layers(tmp_path: Path, monkeypatch)
     assert all(np.array_equal(kept[k], federated[k]) for k in federated)
 
 
+def test_all_weights_fine_tunes_a_plain_fedavg_model(tmp_path: Path, monkeypatch) -> None:
+    """layers="all", the FedAvg-FT baseline of benchmarks/personalize_run.py:
+    every weight trains (SGD with momentum here) and the whole state is kept."""
+    scenario = _scenario(mode="none")
+    sess = _session(tmp_path, scenario)
+    glob = _global(scenario)
+    with pytest.raises(ConfigError, match=r"trains the site-private layers, and model.adaptation "
+                                          r"is 'none'"):
+        sess.personalize(glob, "r", 2, epochs=1, lr=1e-2, batch_size=4)
+    with pytest.raises(ValueError, match=r"layers='bogus': expected 'private' or 'all'"):
+        sess.personalize(glob, "r", 2, epochs=1, lr=1e-2, batch_size=4, layers="bogus")
+    scores = iter([0.5, 0.6])
+    monkeypatch.setattr(personalize_module, "evaluate_state",
+                        lambda *a, **k: type("M", (), {"dice": next(scores)})())
+    out = sess.personalize(glob, "r", 2, epochs=1, lr=1e-2, batch_size=4, optimizer="sgd",
+                           momentum=0.9, layers="all")
+    assert out.epochs_kept == 1
+    kept = AdaptationStore(sess.site.state_dir, "r#personalized").load_at(2)
+    assert set(kept) == set(glob)
+    weights = {n for n, _ in build_segmenter(scenario.model, scenario.data).named_parameters()}
+    changed = {k for k in glob if not np.array_equal(kept[k], glob[k])}
+    # every weight moved (a conv bias just before a GroupNorm gets no gradient)
+    assert {k for k in weights if k.endswith(".weight")} <= changed <= weights
+
+
 def test_personalised_evaluation_uses_the_kept_layers(tmp_path: Path, monkeypatch) -> None:
     scenario = _scenario()
     sess = _session(tmp_path, scenario)
@@ -161,6 +186,16 @@ def test_scenario_refuses_personalisation_without_private_layers() -> None:
     with pytest.raises(Exception, match=r"train.personalize.epochs is 3 but model.adaptation is "
                                         r"'none'.*Fix: set model.adaptation"):
         _scenario(mode="none", epochs=3)
+
+
+def test_personalisation_momentum_is_an_sgd_setting() -> None:
+    from medseg_core.config.sections import PersonalizeConfig
+
+    with pytest.raises(Exception, match=r"train.personalize.momentum is 0.9 but "
+                                        r"train.personalize.optimizer is 'adam'.*Fix: optimizer: sgd"):
+        parse_model(PersonalizeConfig, {"epochs": 2, "momentum": 0.9})
+    cfg = parse_model(PersonalizeConfig, {"epochs": 2, "optimizer": "sgd", "momentum": 0.9})
+    assert (cfg.optimizer, cfg.momentum, cfg.lr) == ("sgd", 0.9, 1e-3)
 
 
 @pytest.mark.parametrize("threshold", ["site", "argmax"])
