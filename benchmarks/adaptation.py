@@ -25,11 +25,12 @@ from _common import ROOT, run_scenario
 def mode_config(base: dict, seed: int, mode: str, personalize: int | None) -> dict:
     """The scenario dict ``base`` as one arm: ``seed``, ``model.adaptation:
     mode``, and ``train.personalize.epochs`` (``personalize``, or the
-    scenario's own; 0 for ``none``, which has nothing private to personalise).
+    scenario's own; 0 for ``none``, which has nothing private to personalise),
+    in the scenario and in its ``without_dp`` block where that sets it.
     The ``none`` arm also drops ``train.adaptation_from_round`` and
-    ``train.private_epochs``, in the scenario and in its ``without_dp``
-    block: plain FedAvg has no private layers to start or to train alone,
-    and the scenario refuses both options there."""
+    ``train.private_epochs``, in both places: plain FedAvg has no private
+    layers to start or to train alone, and the scenario refuses both options
+    there."""
     private_only = ("adaptation_from_round", "private_epochs")
     train = dict(base.get("train", {}))
     pers = train.get("personalize", {}).get("epochs", 0) if personalize is None else personalize
@@ -38,9 +39,14 @@ def mode_config(base: dict, seed: int, mode: str, personalize: int | None) -> di
     if mode == "none":
         for key in private_only:
             train.pop(key, None)
-        if "train" in base.get("without_dp", {}):
-            no_dp = {k: v for k, v in base["without_dp"]["train"].items() if k not in private_only}
-            arm["without_dp"] = {**base["without_dp"], "train": no_dp}
+    if "train" not in base.get("without_dp", {}):
+        return arm
+    no_dp = {k: v for k, v in base["without_dp"]["train"].items()
+             if mode != "none" or k not in private_only}
+    if "personalize" in no_dp and (mode == "none" or personalize is not None):
+        no_dp["personalize"] = {**no_dp["personalize"],
+                                "epochs": 0 if mode == "none" else personalize}
+    arm["without_dp"] = {**base["without_dp"], "train": no_dp}
     return arm
 
 

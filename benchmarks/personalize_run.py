@@ -17,11 +17,10 @@ with the same ``train.personalize`` gives the same figures
 Only runs without DP: under DP the rounds reserve the personalisation's
 budget from round 1, so it cannot be added afterwards.
 
-``--all-weights`` fine-tunes every weight instead (FedAvg-FT: local
-fine-tuning of the federated model), on a run without private layers
-(``model.adaptation: none``): the baseline that tells what the private
-layers add over fine-tuning as such. It is a measurement only; a scenario
-cannot set it.
+``--all-weights`` fine-tunes every weight instead, shared and private
+(local fine-tuning of the federated model; on a ``model.adaptation: none``
+run, FedAvg-FT): the baseline that tells what the private layers add over
+fine-tuning as such. It is a measurement only; a scenario cannot set it.
 
 Prints, per site: test Dice as federated, personalised, the epoch kept and
 the validation Dice before and after; then the mean and worst site, and with
@@ -43,7 +42,6 @@ from medseg_core.checkpoint import load_checkpoint
 from medseg_core.config import ScenarioConfig, parse_model
 from medseg_core.errors import ConfigError
 from medseg_core.sites import materialise_site
-from medseg_core.training.personalize import personal_store
 from medseg_core.training.site import SiteSession
 
 
@@ -58,11 +56,6 @@ def personalise_run(run: Path, *, epochs: int, optimizer: str, lr: float, moment
             f"{run} trained under DP: its rounds reserved no budget for personalisation, so it "
             "cannot be added afterwards. Fix: set train.personalize in the scenario and run it "
             "again, or give a run made with --dp off")
-    if all_weights and scenario.model.adaptation.value != "none":
-        raise ConfigError(
-            f"{run} has private layers (model.adaptation: {scenario.model.adaptation.value}); "
-            "--all-weights is the FedAvg-FT baseline, measured on a plain FedAvg run. Fix: give "
-            "a model.adaptation: none run, or leave --all-weights out")
     federated = json.loads((run / "summary.json").read_text())["federated"]
     rnd, run_id = federated["selected_round"], federated["run_id"]
     arrays = load_checkpoint(run / "server" / "checkpoints" / f"round_{rnd:04d}").arrays
@@ -83,13 +76,10 @@ def personalise_run(run: Path, *, epochs: int, optimizer: str, lr: float, moment
             res = sess.personalize(arrays, run_id, rnd, epochs=epochs, lr=lr, optimizer=optimizer,
                                    momentum=momentum, batch_size=scenario.train.batch_size,
                                    layers="all" if all_weights else "private", **scoring)
-            if all_weights:  # the fine-tuned model is the whole state: score it as a global one
-                tuned = personal_store(state, run_id).load_at(rnd)
-                dice = {p: sess.evaluate(arrays if not p else tuned, "test", run_name=run_id,
-                                         model_round=rnd, **scoring).dice for p in (False, True)}
-            else:
-                dice = {p: sess.evaluate(arrays, "test", run_name=run_id, model_round=rnd,
-                                         personalized=p, **scoring).dice for p in (False, True)}
+            # with --all-weights the kept state is the whole model: nothing global to merge it with
+            dice = {p: sess.evaluate({} if p and all_weights else arrays, "test", run_name=run_id,
+                                     model_round=rnd, personalized=p, **scoring).dice
+                    for p in (False, True)}
             out[spec.id] = {"federated": dice[False], "personalized": dice[True],
                             "epochs_kept": res.epochs_kept, "val_before": res.val_dice_before,
                             "val_after": res.val_dice_after}
@@ -106,7 +96,7 @@ def main() -> None:
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--site", nargs="+", default=None, help="site ids (default: every site)")
     ap.add_argument("--all-weights", action="store_true",
-                    help="fine-tune every weight of a plain FedAvg run (the FedAvg-FT baseline)")
+                    help="fine-tune every weight, shared and private (on a plain FedAvg run: FedAvg-FT)")
     ap.add_argument("--against", type=Path, default=None,
                     help="a model.adaptation: none run of the same scenario")
     args = ap.parse_args()

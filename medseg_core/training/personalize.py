@@ -88,11 +88,11 @@ def personalize(
     site's training labels for every candidate epoch, as evaluation does
     (on at most ``calibration_cases`` of them, ``evaluation.calibration_cases``).
     ``layers="all"`` fine-tunes every weight instead and stores the whole
-    state: local fine-tuning of a plain FedAvg model (FedAvg-FT, Wang et al.
-    2019, "Federated evaluation of on-device personalization"), the baseline
-    ``benchmarks/personalize_run.py --all-weights`` measures the private
-    layers against. Evaluate that state as a global one; it is no scenario
-    setting, since a site's deployed model must stay the federation's.
+    state: local fine-tuning of the federated model (of a plain FedAvg one:
+    FedAvg-FT, Wang et al. 2019, "Federated evaluation of on-device
+    personalization"), the baseline ``benchmarks/personalize_run.py
+    --all-weights`` measures the private layers against. It is no scenario
+    setting: a site's shared weights stay the federation's.
 
     Raises
     ------

@@ -39,13 +39,19 @@ def test_every_arm_of_the_strong_shift_scenario_parses(mode: str, monkeypatch: p
         assert arm.train.adaptation_from_round == 1
         assert arm.train.personalize.epochs == 0
         assert no_dp.train.private_epochs == 0 and no_dp.train.adaptation_from_round == 1
+        assert no_dp.train.personalize.epochs == 0  # nothing private to personalise
     else:
         assert arm.train.adaptation_from_round == base["train"]["adaptation_from_round"]
         assert no_dp.train.private_epochs == base["without_dp"]["train"]["private_epochs"]
+        assert no_dp.train.personalize.model_dump() == base["without_dp"]["train"]["personalize"]
 
 
 def test_personalize_epochs_apply_to_the_arms_with_private_layers(monkeypatch: pytest.MonkeyPatch) -> None:
     base = yaml.safe_load((ROOT / "simulations" / "configs" / "strong_shift.yaml").read_text())
     b = _bench(monkeypatch)
-    assert b.mode_config(base, 0, "adapter", 4)["train"]["personalize"]["epochs"] == 4
-    assert b.mode_config(base, 0, "none", 4)["train"]["personalize"]["epochs"] == 0
+    for mode, epochs in (("adapter", 4), ("none", 0)):
+        arm = b.mode_config(base, 0, mode, 4)
+        assert arm["train"]["personalize"]["epochs"] == epochs
+        # the without_dp block's own personalisation (SGD) takes the same epochs
+        assert arm["without_dp"]["train"]["personalize"] == {
+            **base["without_dp"]["train"]["personalize"], "epochs": epochs}
