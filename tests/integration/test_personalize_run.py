@@ -65,11 +65,11 @@ def test_benchmark_reproduces_the_runs_own_personalisation(tmp_path: Path) -> No
     assert moved, proc.stdout  # SGD at 0.1 moved some site's layers past its federated ones
     # --all-weights fine-tunes the shared weights too and keeps the whole model, which is then
     # scored alone (load_state is strict: a state of private layers only would not load)
-    proc = subprocess.run([sys.executable, str(BENCH), str(out), "--all-weights", "--epochs", "2",
-                           "--optimizer", "sgd", "--lr", "0.1", "--momentum", "0.9"],
-                          capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    tuned = {line.split()[0]: line for line in proc.stdout.splitlines() if "test Dice" in line}
+    ft = subprocess.run([sys.executable, str(BENCH), str(out), "--all-weights", "--epochs", "2",
+                         "--optimizer", "sgd", "--lr", "0.1", "--momentum", "0.9"],
+                        capture_output=True, text=True, timeout=600, check=False)
+    assert ft.returncode == 0, ft.stderr[-3000:]
+    tuned = {line.split()[0]: line for line in ft.stdout.splitlines() if "test Dice" in line}
     assert set(tuned) == set(rows)
     for sid, row in tuned.items():
         assert row.split("personalised")[0] == rows[sid].split("personalised")[0]
