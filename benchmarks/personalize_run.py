@@ -13,7 +13,7 @@ personalised layers, as the run's test phase would have scored them. The
 site's state is copied to a temporary folder first, so the run is left as it
 was. Without DP, training is deterministic, so a run of the same scenario
 with the same ``train.personalize`` gives the same figures
-(``tests/integration/test_weak_simulate.py`` checks that on a small run).
+(``tests/integration/test_personalize_run.py`` checks that on a small run).
 Only runs without DP: under DP the rounds reserve the personalisation's
 budget from round 1, so it cannot be added afterwards.
 
@@ -108,13 +108,15 @@ def main() -> None:
         print(f"{sid:14s} test Dice federated {r['federated']:.3f} -> personalised "
               f"{r['personalized']:.3f} (epoch {r['epochs_kept']} kept; val "
               f"{r['val_before']:.3f} -> {r['val_after']:.3f})")
-    summary = {k: [r[k] for r in per_site.values()] for k in ("federated", "personalized")}
-    line = {k: (sum(v) / len(v), min(v)) for k, v in summary.items()}
-    for k, (mean, worst) in line.items():
+    nd = None
+    if args.against is not None:
+        none = json.loads((args.against / "summary.json").read_text())["federated"]["per_site"]
+        nd = [none[s]["dice"] for s in per_site]
+    for k in ("federated", "personalized"):
+        v = [r[k] for r in per_site.values()]
+        mean, worst = sum(v) / len(v), min(v)
         print(f"{k:13s} mean {mean:.3f}, worst site {worst:.3f}", end="")
-        if args.against is not None:
-            none = json.loads((args.against / "summary.json").read_text())["federated"]["per_site"]
-            nd = [none[s]["dice"] for s in per_site]
+        if nd is not None:
             print(f" | minus none: mean {mean - sum(nd) / len(nd):+.3f}, worst site "
                   f"{worst - min(nd):+.3f}", end="")
         print()
