@@ -249,9 +249,9 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
 
     @app.train("personalize")
     def personalize(msg: Message, context: Context) -> Message:
-        """Post-federation personalisation of the site's private layers
-        (``train.personalize``). The reply carries metrics only: the
-        personalised layers never leave the site."""
+        """Post-federation personalisation of the site's private layers, or
+        of every weight (``train.personalize``). The reply carries metrics
+        only: the personalised weights never leave the site."""
         try:
             cfg = _config(msg, _PERSONALIZE_KEYS)
             site = resolve_site(context.node_config, context.run_config, site_map)
@@ -263,6 +263,7 @@ def build_client_app(site_map: Mapping[int, str] | None = None) -> ClientApp:
                 epochs=int(cfg[keys.PERSONALIZE_EPOCHS]), lr=float(cfg[keys.LEARNING_RATE]),
                 optimizer=str(cfg.get(keys.PERSONALIZE_OPTIMIZER, "adam")),
                 momentum=float(cfg.get(keys.PERSONALIZE_MOMENTUM, 0.0)),
+                layers=str(cfg.get(keys.PERSONALIZE_LAYERS, "private")),
                 batch_size=int(cfg["batch-size"]),
                 min_component_voxels=int(cfg.get(keys.MIN_COMPONENT_VOXELS, 0)),
                 refine=str(cfg.get(keys.EVAL_REFINE, "none")),

@@ -38,6 +38,7 @@ PRIVATE_EPOCHS = "private-epochs"  # train: epochs of the private layers alone b
 PERSONALIZE_EPOCHS = "personalize-epochs"  # train: epochs whose DP budget to reserve; personalize: to run
 PERSONALIZE_OPTIMIZER = "personalize-optimizer"  # personalize: adam or sgd
 PERSONALIZE_MOMENTUM = "personalize-momentum"  # personalize: SGD momentum
+PERSONALIZE_LAYERS = "personalize-layers"  # personalize: "private" layers or "all" weights
 PERSONALIZED = "personalized"  # evaluate: with the site's personalised private layers
 POSITIVES_GATE = "positives-gate-open"  # train/personalize: the weak positives' closed-loop warm-up
 

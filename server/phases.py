@@ -163,8 +163,9 @@ def personalize_sites(
     timeout: float,
     positives_gate_open: bool | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Ask every site to personalise its private layers against the selected
-    global model (``train.personalize``); returns each site's report.
+    """Ask every site to personalise its private layers (``layers: all``:
+    every weight) against the selected global model (``train.personalize``);
+    returns each site's report.
     ``positives_gate_open``: the weak positives' closed-loop warm-up after
     ``model_round`` (None: the run has no gate).
 
@@ -179,6 +180,7 @@ def personalize_sites(
         keys.LEARNING_RATE: p.lr,
         keys.PERSONALIZE_OPTIMIZER: p.optimizer,
         keys.PERSONALIZE_MOMENTUM: p.momentum,
+        keys.PERSONALIZE_LAYERS: p.layers,
         "batch-size": scenario.train.batch_size,
         **site_settings(scenario),
     })
@@ -187,8 +189,9 @@ def personalize_sites(
     content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: cfg})
     msgs = [Message(content=content, message_type="train.personalize", dst_node_id=node)
             for node in grid.get_node_ids()]
-    logger.info("personalising the private layers of %d site(s) on the round-%d model "
-                "(%d epoch(s))", len(msgs), model_round, p.epochs)
+    logger.info("personalising the %s of %d site(s) on the round-%d model (%d epoch(s))",
+                "private layers" if p.layers == "private" else "every weight", len(msgs),
+                model_round, p.epochs)
     reports: dict[str, dict[str, Any]] = {}
     for node, reply in in_site_order(send(grid, msgs, timeout), node_sites):
         site = site_of(reply, node_sites, node)
@@ -200,7 +203,8 @@ def personalize_sites(
             reports[site] = {"error": reason}
             continue
         m = reply.content.metric_records[keys.METRICS]
-        reports[site] = {"val_dice_before": float(m[keys.DICE_BEFORE]),
+        reports[site] = {"layers": p.layers,
+                         "val_dice_before": float(m[keys.DICE_BEFORE]),
                          "val_dice_after": float(m[keys.DICE]),
                          "epochs_kept": int(m[keys.EPOCHS_KEPT])}
         priv = reply.content.config_records.get("privacy")

@@ -270,9 +270,12 @@ def format_table(summary: dict[str, Any]) -> str:
             lines.append(f"{sid}: not personalised ({rep['error']}); its Dice is the federated one")
             continue
         g = fed.get("dice_global")
-        lines.append(f"{sid}: personalised private layers (epoch {rep['epochs_kept']} kept; local val "
-                     f"Dice {rep['val_dice_before']:.4f} -> {rep['val_dice_after']:.4f}); test Dice "
-                     f"with the layers as federated {'-' if g is None else f'{g:.4f}'}")
+        every = rep.get("layers") == "all"
+        lines.append(f"{sid}: personalised {'every weight' if every else 'private layers'} (epoch "
+                     f"{rep['epochs_kept']} kept; local val Dice {rep['val_dice_before']:.4f} -> "
+                     f"{rep['val_dice_after']:.4f}); test Dice of the "
+                     f"{'global model' if every else 'layers as federated'} "
+                     f"{'-' if g is None else f'{g:.4f}'}")
     cmp = summary.get("compare")
     if cmp:
         for sid, r in cmp["weak_over_full"].items():

@@ -212,12 +212,14 @@ class ScenarioConfig(_Strict):
 
     @model_validator(mode="after")
     def _personalize_needs_private_layers(self) -> ScenarioConfig:
-        n = self.train.personalize.epochs
-        if n and self.model.adaptation == AdaptationMode.NONE:
+        p = self.train.personalize
+        if p.epochs and p.layers == "private" and self.model.adaptation == AdaptationMode.NONE:
             raise ValueError(
-                f"train.personalize.epochs is {n} but model.adaptation is 'none': there are no "
-                "site-private layers to personalise. Fix: set model.adaptation to 'norm', "
-                "'adapter' or 'norm+adapter', or train.personalize.epochs: 0"
+                f"train.personalize.epochs is {p.epochs} with layers 'private' but "
+                "model.adaptation is 'none': there are no site-private layers to personalise. "
+                "Fix: set model.adaptation to 'norm', 'adapter' or 'norm+adapter', or "
+                "train.personalize.layers: all (fine-tune every weight), or "
+                "train.personalize.epochs: 0"
             )
         return self
 

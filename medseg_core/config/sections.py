@@ -150,9 +150,18 @@ class PersonalizeConfig(_Strict):
     the epochs are DP-SGD through the site's accountant and their budget is
     reserved from the first round (the rounds' noise is calibrated for the
     rounds plus these epochs), so the site's cap holds.
+
+    ``layers: all`` fine-tunes every weight instead, shared ones included,
+    and keeps the whole model at the site: local fine-tuning of the
+    federated model (on a plain FedAvg federation, ``model.adaptation:
+    none``, this is FedAvg-FT; Wang et al. 2019). The published global model
+    is unchanged; the site's own model is scored as ``dice`` and the global
+    one as ``dice_global``, as with the private layers.
     """
 
     epochs: int = Field(default=0, ge=0)  # 0: off
+    # private: the site-private adaptation layers only; all: every weight
+    layers: Literal["private", "all"] = "private"
     lr: float = Field(default=1e-3, gt=0.0)
     # the rounds' optimiser (sgd, momentum 0.9, lr 0.1 on strong_shift.yaml)
     # moves the small private layers much further per epoch than Adam at 1e-3

@@ -1,4 +1,5 @@
-"""Post-federation personalisation of a site's private adaptation layers.
+"""Post-federation personalisation of a site's private adaptation layers
+(or, ``train.personalize.layers: all``, of every weight).
 
 During the rounds a site's private layers (``model.adaptation``: GroupNorm
 affines, input adapter) are trained against its own drifting copy of the
@@ -87,12 +88,12 @@ def personalize(
     evaluated at: ``"site"`` recalibrates the foreground threshold on the
     site's training labels for every candidate epoch, as evaluation does
     (on at most ``calibration_cases`` of them, ``evaluation.calibration_cases``).
-    ``layers="all"`` fine-tunes every weight instead and stores the whole
-    state: local fine-tuning of the federated model (of a plain FedAvg one:
-    FedAvg-FT, Wang et al. 2019, "Federated evaluation of on-device
-    personalization"), the baseline ``benchmarks/personalize_run.py
-    --all-weights`` measures the private layers against. It is no scenario
-    setting: a site's shared weights stay the federation's.
+    ``layers="all"`` (``train.personalize.layers``) fine-tunes every weight
+    instead and stores the whole state at the site: local fine-tuning of the
+    federated model (of a plain FedAvg one: FedAvg-FT, Wang et al. 2019,
+    "Federated evaluation of on-device personalization"). The global model
+    the server publishes keeps the federation's weights; under DP the epochs
+    are DP-SGD over every weight, from the same reserved budget.
 
     Raises
     ------

@@ -369,8 +369,10 @@ class SiteSession(SitePrivacy):
                     "log says why). Fix: personalise first (train.personalize.epochs > 0), or "
                     "evaluate with personalized=False"
                 )
-            load_state(model, merge_state(
-                state, personal_store(self.site.state_dir, run_name).load_at(model_round)))
+            kept = personal_store(self.site.state_dir, run_name).load_at(model_round)
+            # train.personalize.layers: all kept the whole model, shared weights
+            # included: it replaces the global one (load_state is strict)
+            load_state(model, merge_state(state, kept) if set(kept) <= self.local_keys else kept)
         else:
             load_state(model, self.full_state(state, run_name, model_round))
         bags = self.is_bag_site

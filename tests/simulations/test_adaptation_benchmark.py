@@ -7,6 +7,8 @@ refused)."""
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ def _bench(monkeypatch: pytest.MonkeyPatch):
     return mod
 
 
-@pytest.mark.parametrize("mode", ["none", "norm", "adapter", "norm+adapter"])
+@pytest.mark.parametrize("mode", ["none", "norm", "adapter", "norm+adapter", "fedavg-ft"])
 def test_every_arm_of_the_strong_shift_scenario_parses(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     base = yaml.safe_load((ROOT / "simulations" / "configs" / "strong_shift.yaml").read_text())
     assert base["train"]["adaptation_from_round"] > 1  # the case this test guards
@@ -33,9 +35,14 @@ def test_every_arm_of_the_strong_shift_scenario_parses(mode: str, monkeypatch: p
     base.setdefault("without_dp", {}).setdefault("train", {}).setdefault("private_epochs", 2)
     arm = parse_model(ScenarioConfig, _bench(monkeypatch).mode_config(base, 3, mode, None), source=mode)
     assert arm.seed == 3
-    assert arm.model.adaptation.value == mode
+    assert arm.model.adaptation.value == ("none" if mode == "fedavg-ft" else mode)
     no_dp = arm.for_privacy(False)  # the without_dp block merged, as --dp off runs it
-    if mode == "none":
+    if mode == "fedavg-ft":  # plain FedAvg, then every weight fine-tuned as the adapter's are
+        assert arm.train.adaptation_from_round == 1 and no_dp.train.private_epochs == 0
+        assert arm.train.personalize.epochs == base["train"].get("personalize", {}).get("epochs", 0)
+        assert no_dp.train.personalize.model_dump() == {
+            **base["without_dp"]["train"]["personalize"], "layers": "all"}
+    elif mode == "none":
         assert arm.train.adaptation_from_round == 1
         assert arm.train.personalize.epochs == 0
         assert no_dp.train.private_epochs == 0 and no_dp.train.adaptation_from_round == 1
@@ -43,15 +50,30 @@ def test_every_arm_of_the_strong_shift_scenario_parses(mode: str, monkeypatch: p
     else:
         assert arm.train.adaptation_from_round == base["train"]["adaptation_from_round"]
         assert no_dp.train.private_epochs == base["without_dp"]["train"]["private_epochs"]
-        assert no_dp.train.personalize.model_dump() == base["without_dp"]["train"]["personalize"]
+        assert no_dp.train.personalize.model_dump() == {
+            **base["without_dp"]["train"]["personalize"], "layers": "private"}
 
 
 def test_personalize_epochs_apply_to_the_arms_with_private_layers(monkeypatch: pytest.MonkeyPatch) -> None:
     base = yaml.safe_load((ROOT / "simulations" / "configs" / "strong_shift.yaml").read_text())
     b = _bench(monkeypatch)
-    for mode, epochs in (("adapter", 4), ("none", 0)):
+    for mode, epochs in (("adapter", 4), ("none", 0), ("fedavg-ft", 4)):
         arm = b.mode_config(base, 0, mode, 4)
-        assert arm["train"]["personalize"]["epochs"] == epochs
+        every = {"layers": "all"} if mode == "fedavg-ft" else {}
+        assert arm["train"]["personalize"] == {**base["train"].get("personalize", {}),
+                                               "epochs": epochs, **every}
         # the without_dp block's own personalisation (SGD) takes the same epochs
         assert arm["without_dp"]["train"]["personalize"] == {
-            **base["without_dp"]["train"]["personalize"], "epochs": epochs}
+            **base["without_dp"]["train"]["personalize"], "epochs": epochs, **every}
+
+
+def test_fedavg_ft_without_personalisation_epochs_is_refused(tmp_path: Path) -> None:
+    """Under DP the strong-shift scenario personalises nothing, so a fedavg-ft arm
+    would be plain FedAvg under another name: refused before any run starts."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "adaptation.py"), "--modes", "none", "fedavg-ft",
+         "--dp", "on", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0
+    assert "dp-on-seed0-fedavg-ft" in proc.stderr and "Fix: --personalize EPOCHS" in proc.stderr
+    assert not (tmp_path / "out" / "dp-on-seed0-none").exists()  # refused before the first arm ran

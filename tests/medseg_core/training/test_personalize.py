@@ -183,9 +183,47 @@ def test_no_private_layers_or_no_validation_split_say_how_to_fix(tmp_path: Path)
 
 
 def test_scenario_refuses_personalisation_without_private_layers() -> None:
-    with pytest.raises(Exception, match=r"train.personalize.epochs is 3 but model.adaptation is "
-                                        r"'none'.*Fix: set model.adaptation"):
+    with pytest.raises(Exception, match=r"train.personalize.epochs is 3 with layers 'private' but "
+                                        r"model.adaptation is 'none'.*Fix: set model.adaptation.*"
+                                        r"train.personalize.layers: all"):
         _scenario(mode="none", epochs=3)
+    # every weight fine-tuned (FedAvg-FT) needs no private layers
+    ft = parse_model(ScenarioConfig, {
+        **_scenario(mode="none").model_dump(mode="json", exclude={"without_dp"}),
+        "train": {"batch_size": 4, "personalize": {"epochs": 3, "layers": "all"}}})
+    assert (ft.train.personalize.epochs, ft.train.personalize.layers) == (3, "all")
+
+
+def test_under_dp_every_weight_is_fine_tuned_from_the_reserved_budget(
+        tmp_path: Path, monkeypatch) -> None:
+    """train.personalize.layers: all on plain FedAvg (FedAvg-FT) under DP: the
+    rounds reserve the epochs' steps, every weight then trains by DP-SGD
+    through the site's accountant, and the cap holds."""
+    scenario = parse_model(ScenarioConfig, {
+        **_scenario(mode="none").model_dump(mode="json", exclude={"without_dp"}),
+        "train": {"batch_size": 4, "personalize": {"epochs": 1, "layers": "all"}},
+        "privacy": {"enabled": True, "epsilon": 4.0},
+    })
+    assert scenario.train.personalize.layers == "all"
+    sess = _session(tmp_path, scenario)
+    state = _global(scenario)
+    for rnd in (1, 2):
+        req = RoundRequest(server_round=rnd, total_rounds=2, local_epochs=1, lr=1e-2,
+                           batch_size=4, run_name="r", reserve_epochs=1)
+        state = sess.train_round(state, req).fit.state
+    after_rounds = sess.epsilon_spent()
+    scores = iter([0.5, 0.6])  # epoch 1 is kept, so its weights are what is stored
+    monkeypatch.setattr(personalize_module, "evaluate_state",
+                        lambda *a, **k: type("M", (), {"dice": next(scores)})())
+    out = sess.personalize(state, "r", 2, epochs=1, lr=5e-2, batch_size=4, layers="all")
+    assert out.epochs_kept == 1 and out.steps == 3
+    assert after_rounds < out.epsilon <= 4.0 + 1e-6
+    kept = AdaptationStore(sess.site.state_dir, "r#personalized").load_at(2)
+    assert set(kept) == set(state)  # the whole model, with no Opacus "_module." prefix
+    changed = {k for k in state if not np.array_equal(kept[k], state[k])}
+    assert {k for k in state if k.endswith(".weight")} <= changed
+    ledger = (sess.site.state_dir / "ledger.jsonl").read_text().splitlines()
+    assert len(ledger) == 3 and '"phase": "personalize"' in ledger[-1]
 
 
 def test_personalisation_momentum_is_an_sgd_setting() -> None:
