@@ -18,9 +18,9 @@ Only runs without DP: under DP the rounds reserve the personalisation's
 budget from round 1, so it cannot be added afterwards.
 
 ``--all-weights`` fine-tunes every weight instead, shared and private
-(local fine-tuning of the federated model; on a ``model.adaptation: none``
-run, FedAvg-FT): the baseline that tells what the private layers add over
-fine-tuning as such. It is a measurement only; a scenario cannot set it.
+(``train.personalize.layers: all``; on a ``model.adaptation: none`` run,
+FedAvg-FT): the baseline that tells what the private layers add over
+fine-tuning as such.
 
 Prints, per site: test Dice as federated, personalised, the epoch kept and
 the validation Dice before and after; then the mean and worst site, and with
@@ -76,9 +76,8 @@ def personalise_run(run: Path, *, epochs: int, optimizer: str, lr: float, moment
             res = sess.personalize(arrays, run_id, rnd, epochs=epochs, lr=lr, optimizer=optimizer,
                                    momentum=momentum, batch_size=scenario.train.batch_size,
                                    layers="all" if all_weights else "private", **scoring)
-            # with --all-weights the kept state is the whole model: nothing global to merge it with
-            dice = {p: sess.evaluate({} if p and all_weights else arrays, "test", run_name=run_id,
-                                     model_round=rnd, personalized=p, **scoring).dice
+            dice = {p: sess.evaluate(arrays, "test", run_name=run_id, model_round=rnd,
+                                     personalized=p, **scoring).dice
                     for p in (False, True)}
             out[spec.id] = {"federated": dice[False], "personalized": dice[True],
                             "epochs_kept": res.epochs_kept, "val_before": res.val_dice_before,

@@ -1,12 +1,13 @@
 """Personalisation with SGD, in the run and afterwards (``benchmarks/personalize_run.py``).
 
-Two `medseg simulate` runs of one no-DP scenario with a site-private input
+Three `medseg simulate` runs of one no-DP scenario with a site-private input
 adapter: one with ``train.personalize`` (SGD with momentum, the setting
-reaching the sites through the personalise message), one without. The
-benchmark then personalises the second run's sites with the same settings;
-without DP training is deterministic, so it must reproduce the first run's
-personalised test Dice site by site, and its "as federated" Dice must be
-the second run's own.
+reaching the sites through the personalise message), one without, one with
+``train.personalize.layers: all``. The benchmark then personalises the
+second run's sites with the same settings; without DP training is
+deterministic, so it must reproduce the first run's personalised test Dice
+site by site, and its "as federated" Dice must be the second run's own; with
+``--all-weights`` it must reproduce the third run's.
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ def test_benchmark_reproduces_the_runs_own_personalisation(tmp_path: Path) -> No
         moved |= kept > 0
     assert moved, proc.stdout  # SGD at 0.1 moved some site's layers past its federated ones
     # --all-weights fine-tunes the shared weights too and keeps the whole model, which is then
-    # scored alone (load_state is strict: a state of private layers only would not load)
+    # scored alone (load_state is strict: a state of private layers only would not load); a run
+    # with train.personalize.layers: all does the same in the run, so the figures are the same
+    (tmp_path / "every").mkdir()
+    _, every, _ = simulate(tmp_path / "every", SCENARIO % PERSONALIZE.replace("{", "{layers: all, "))
     ft = subprocess.run([sys.executable, str(BENCH), str(out), "--all-weights", "--epochs", "2",
                          "--optimizer", "sgd", "--lr", "0.1", "--momentum", "0.9"],
                         capture_output=True, text=True, timeout=600, check=False)
@@ -73,6 +77,10 @@ def test_benchmark_reproduces_the_runs_own_personalisation(tmp_path: Path) -> No
     assert set(tuned) == set(rows)
     for sid, row in tuned.items():
         assert row.split("personalised")[0] == rows[sid].split("personalised")[0]
+        ran = every["federated"]["per_site"][sid]
+        assert ran["personalization"]["layers"] == "all"
+        assert float(row.split("personalised ")[1].split()[0]) == pytest.approx(ran["dice"], abs=5e-4)
+        assert int(row.split("(epoch ")[1].split()[0]) == ran["personalization"]["epochs_kept"]
     # --against this run itself: the federated row is +0.000 on both figures
     assert "federated     mean" in proc.stdout and "minus none: mean +0.000, worst site +0.000" in (
         proc.stdout)
