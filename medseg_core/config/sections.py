@@ -145,7 +145,7 @@ class PersonalizeConfig(_Strict):
     with the *aggregated* shared weights at evaluation: a mismatch. After the
     last round each site fine-tunes only its private layers against the
     selected global model on its own training data (shared weights frozen,
-    Adam), keeps the epoch with the best local validation Dice (epoch 0, no
+    ``optimizer``), keeps the epoch with the best local validation Dice (epoch 0, no
     change, included) and stores them; nothing is sent but metrics. Under DP
     the epochs are DP-SGD through the site's accountant and their budget is
     reserved from the first round (the rounds' noise is calibrated for the
